@@ -15,8 +15,6 @@ that runs on llava-hf/llava-1.5-7b-hf. Only the sizes differ:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     CLIPImageProcessor,
@@ -31,7 +29,6 @@ from transformers import (
 from gripbench.tasks.scenes import COLORS, SHAPES, SceneConfig
 from gripbench.tasks.suite import TASKS, answer_vocabulary, make_sample
 
-EMBEDDED_DIR = Path(__file__).parent / "embedded"
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 
 # LLaVA-1.5's conversation format, accepting string or list-of-parts content.

@@ -1,0 +1,97 @@
+"""The `gripbench` command line. Bad input -> one line on stderr, exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gripbench.errors import GripbenchError
+
+
+def _cmd_tasks(args) -> int:
+    from gripbench.tasks.suite import TASKS
+
+    for name, desc in TASKS.items():
+        print(f"{name:<10} {desc}")
+    return 0
+
+
+def _cmd_zoo(args) -> int:
+    from gripbench.zoo import embedded_path
+
+    if args.action == "path":
+        print(embedded_path())
+        return 0
+    from gripbench.zoo.train import TrainConfig, train
+
+    out = args.out or str(embedded_path(must_exist=False))
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every)
+    result = train(out, cfg)
+    print(f"trained in {result['elapsed_s'] / 60:.1f} min; validation accuracy: "
+          + ", ".join(f"{t} {a:.1%}" for t, a in result["val"].items()))
+    print(f"checkpoint written to {out}")
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from gripbench.methods import registry
+
+    for name, summary in registry().describe().items():
+        print(f"{name:<16} {summary}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from gripbench.evaluate import evaluate_tasks
+
+    evaluate_tasks(model=args.model, method=args.method, budget=args.budget, tasks=args.tasks,
+                   limit=args.limit, batch_size=args.batch_size, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gripbench", description="Benchmark visual-token pruning methods for VLMs: "
+                                "accuracy, FLOPs and latency for every method x budget x task.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("tasks", help="list the embedded tasks").set_defaults(fn=_cmd_tasks)
+    sub.add_parser("methods", help="list the registered pruning methods").set_defaults(fn=_cmd_methods)
+
+    zoo = sub.add_parser("zoo", help="the embedded tiny LLaVA: print its folder or retrain it")
+    zoo.add_argument("action", choices=["path", "build"])
+    zoo.add_argument("--out", help="where `build` writes the checkpoint (default: the package's folder)")
+    zoo.add_argument("--steps", type=int, default=2000)
+    zoo.add_argument("--batch-size", type=int, default=32)
+    zoo.add_argument("--eval-every", type=int, default=250)
+    zoo.add_argument("--seed", type=int, default=0)
+    zoo.set_defaults(fn=_cmd_zoo)
+
+    ev = sub.add_parser("eval", help="evaluate one method at one budget on the embedded tasks")
+    ev.add_argument("--model", default="embedded")
+    ev.add_argument("--method", default="none")
+    ev.add_argument("--budget", type=float, default=1.0)
+    ev.add_argument("--tasks", default="all")
+    ev.add_argument("--limit", type=int, default=None, help="questions per task (default: the whole test split)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(fn=_cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except GripbenchError as e:
+        print(f"gripbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gripbench: interrupted; finished results on disk are kept", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
