@@ -23,6 +23,18 @@ def _cmd_zoo(args) -> int:
     if args.action == "path":
         print(embedded_path())
         return 0
+    if args.action == "verify":
+        import json
+
+        from gripbench.engine import Engine
+        from gripbench.testbed import measure
+        from gripbench.zoo import load
+
+        result = measure(Engine(*load(args.out or "embedded", device="cpu")), limit=args.limit)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0 if all(result["bars"].values()) else 1
     from gripbench.zoo.train import TrainConfig, train
 
     out = args.out or str(embedded_path(must_exist=False))
@@ -59,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the registered pruning methods").set_defaults(fn=_cmd_methods)
 
     zoo = sub.add_parser("zoo", help="the embedded tiny LLaVA: print its folder or retrain it")
-    zoo.add_argument("action", choices=["path", "build"])
-    zoo.add_argument("--out", help="where `build` writes the checkpoint (default: the package's folder)")
+    zoo.add_argument("action", choices=["path", "build", "verify"],
+                     help="path: print the checkpoint folder; build: retrain it; verify: check the testbed's four bars")
+    zoo.add_argument("--out", help="checkpoint folder to write (build) or check (verify); default: the package's")
+    zoo.add_argument("--limit", type=int, default=300, help="verify: test questions per task")
+    zoo.add_argument("--json", help="verify: also write the figures to this JSON file")
     zoo.add_argument("--steps", type=int, default=2000)
     zoo.add_argument("--batch-size", type=int, default=32)
     zoo.add_argument("--eval-every", type=int, default=250)

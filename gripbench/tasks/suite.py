@@ -70,11 +70,11 @@ def combo_prior() -> np.ndarray:
     return w / w.sum()
 
 
-def _random_scene(rng, cfg: SceneConfig, seed: int, n_shapes: int | None = None, n_signs: int | None = None,
-                  shapes: list[tuple[str, str]] | None = None) -> Scene | None:
+def _random_scene(rng, cfg: SceneConfig, seed: int, n_signs: int | None = None,
+                  shapes: list[tuple[str, str]] | None = None, max_shapes: int = 6) -> Scene | None:
     """Place shapes (given or drawn from the prior) and signs; None if they do not fit."""
     if shapes is None:
-        n = int(rng.integers(3, 7)) if n_shapes is None else n_shapes
+        n = int(rng.integers(min(3, max_shapes), max_shapes + 1))
         shapes = [COMBOS[int(i)] for i in rng.choice(len(COMBOS), size=n, p=combo_prior())]
     n_signs = int(rng.choice([0, 0, 1, 2])) if n_signs is None else n_signs
     items: list[Item] = []
@@ -141,11 +141,11 @@ def _existence(rng, scene: Scene):
     return q.format(a=article, c=query[0], s=query[1]), answer, evidence, {"negative": kind}
 
 
-def _counting_scene(rng, cfg: SceneConfig, seed: int) -> tuple[Scene | None, dict]:
+def _counting_scene(rng, cfg: SceneConfig, seed: int, max_shapes: int = 6) -> tuple[Scene | None, dict]:
     """Build the scene around the count so that answers 1..4 are balanced."""
-    count = int(rng.integers(1, 5))
+    count = int(rng.integers(1, min(4, max_shapes) + 1))
     by_shape = rng.random() < 0.5
-    n = int(rng.integers(max(3, count), 7))
+    n = int(rng.integers(max(min(3, max_shapes), count), max_shapes + 1))
     if by_shape:
         value = _pick(rng, list(SHAPES))
         hits = [(_pick(rng, list(COLORS)), value) for _ in range(count)]
@@ -198,19 +198,21 @@ def _text(rng, scene: Scene):
 _MAKERS = {"attribute": _attribute, "existence": _existence, "spatial": _spatial, "text": _text}
 
 
-def make_sample(task: str, split: str, index: int, cfg: SceneConfig = SceneConfig(), base_seed: int = 0) -> Sample:
-    """The index-th sample of a split: a pure function of its arguments."""
+def make_sample(task: str, split: str, index: int, cfg: SceneConfig = SceneConfig(), base_seed: int = 0,
+                max_shapes: int = 6) -> Sample:
+    """The index-th sample of a split: a pure function of its arguments. `max_shapes` < 6
+    gives simpler scenes (training curriculum only; test and val always use 3-6 shapes)."""
     if task not in TASKS:
         raise KeyError(task)
     for attempt in range(1000):
         seed = _seed(base_seed, split, task, index, attempt)
         rng = np.random.default_rng(seed)
         if task == "counting":
-            scene, spec = _counting_scene(rng, cfg, seed)
+            scene, spec = _counting_scene(rng, cfg, seed, max_shapes)
             made = None if scene is None else _counting(rng, scene, spec)
         else:
             n_signs = int(rng.integers(1, 3)) if task == "text" else None
-            scene = _random_scene(rng, cfg, seed, n_signs=n_signs)
+            scene = _random_scene(rng, cfg, seed, n_signs=n_signs, max_shapes=max_shapes)
             made = None if scene is None else _MAKERS[task](rng, scene)
         if made is None:
             continue

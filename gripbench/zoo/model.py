@@ -84,7 +84,7 @@ def build_processor(scene: SceneConfig = SceneConfig()) -> LlavaProcessor:
     )
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, scene: SceneConfig = SceneConfig()) -> LlavaConfig:
+def build_config(tokenizer: PreTrainedTokenizerFast, scene: SceneConfig = SceneConfig(), init_range: float = 0.02) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
         image_size=scene.image_size, patch_size=scene.patch_size, projection_dim=192,
@@ -93,7 +93,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast, scene: SceneConfig = SceneC
         vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512, num_hidden_layers=8,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=init_range,
     )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
@@ -102,11 +102,11 @@ def build_config(tokenizer: PreTrainedTokenizerFast, scene: SceneConfig = SceneC
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlavaForConditionalGeneration:
+def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, init_range: float = 0.02) -> LlavaForConditionalGeneration:
     import torch
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config(tokenizer))
+    model = LlavaForConditionalGeneration(build_config(tokenizer, init_range=init_range))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

@@ -44,7 +44,14 @@ class TrainConfig:
     aux_weight: float = 0.5
     eval_every: int = 250
     eval_per_task: int = 100
+    curriculum: float = 0.0  # share of steps over which scenes grow from 1-2 shapes to 3-6
+    init_range: float = 0.02
     seed: int = 0
+
+    def max_shapes(self, step: int) -> int:
+        if self.curriculum <= 0 or step >= self.curriculum * self.steps:
+            return 6
+        return 2 + int(5 * step / (self.curriculum * self.steps))
 
 
 def patch_labels(sample: Sample) -> torch.Tensor:
@@ -121,7 +128,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
     """Train, validate every `eval_every` steps, save an fp16 checkpoint + processor to out_dir."""
     torch.manual_seed(cfg.seed)
     processor = build_processor()
-    model = build_model(processor.tokenizer, seed=cfg.seed)
+    model = build_model(processor.tokenizer, seed=cfg.seed, init_range=cfg.init_range)
     heads = AuxHeads(model.config.text_config.hidden_size)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
@@ -135,7 +142,8 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
     model.train()
     for step in range(cfg.steps):
         first = step * cfg.batch_size
-        samples = [make_sample(tasks[(first + j) % len(tasks)], "train", first + j, base_seed=cfg.seed) for j in range(cfg.batch_size)]
+        samples = [make_sample(tasks[(first + j) % len(tasks)], "train", first + j, base_seed=cfg.seed,
+                               max_shapes=cfg.max_shapes(step)) for j in range(cfg.batch_size)]
         batch = encode(processor, samples, with_answers=True)
         aux = torch.stack([patch_labels(s) for s in samples])
         loss, ans, auxl = training_step(model, heads, batch, aux, cfg.aux_weight)

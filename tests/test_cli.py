@@ -1,0 +1,59 @@
+"""The command line: help, listings, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "gripbench.cli", *args], capture_output=True, text=True)
+
+
+def test_help():
+    r = run("--help")
+    assert r.returncode == 0 and "sweep" in r.stdout or "tasks" in r.stdout
+
+
+def test_tasks_lists_five_tasks():
+    r = run("tasks")
+    assert r.returncode == 0
+    names = [line.split()[0] for line in r.stdout.strip().splitlines()]
+    assert names == ["attribute", "existence", "counting", "spatial", "text"]
+
+
+def test_zoo_path_is_the_shipped_folder():
+    from gripbench.zoo import embedded_path
+
+    r = run("zoo", "path")
+    assert r.returncode == 0 and r.stdout.strip() == str(embedded_path())
+
+
+def test_methods_lists_every_registered_method():
+    from gripbench.methods import registry
+
+    r = run("methods")
+    assert r.returncode == 0
+    listed = [line.split()[0] for line in r.stdout.strip().splitlines()]
+    assert listed == registry().names()
+    assert {"none", "random", "pool", "attention-score", "fastv", "sparsevlm", "visionzip", "divprune"} <= set(listed)
+
+
+def test_unknown_method_says_did_you_mean():
+    r = run("eval", "--method", "fastvv", "--limit", "1")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "did you mean 'fastv'" in r.stderr
+
+
+def test_unknown_task_and_bad_budget():
+    r = run("eval", "--tasks", "countng", "--limit", "1")
+    assert r.returncode == 2 and "did you mean 'counting'" in r.stderr
+    r = run("eval", "--budget", "1.5", "--limit", "1")
+    assert r.returncode == 2 and "outside (0, 1]" in r.stderr and "Traceback" not in r.stderr
+    r = run("eval", "--budget", "0", "--limit", "1")
+    assert r.returncode == 2
+
+
+def test_unknown_model():
+    r = run("eval", "--model", "nonexistent-model", "--limit", "1")
+    assert r.returncode == 2 and "unknown model" in r.stderr

@@ -1,0 +1,132 @@
+"""Engine exactness: `none` is the stock model; pruning keeps original positions; the
+attention rows given to methods equal eager attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gripbench.context import PruneContext
+from gripbench.engine import Engine
+from gripbench.methods import PrunePoint, PruningMethod, Selection
+
+
+@pytest.fixture(scope="module", params=["embedded", "tiny_hf"])
+def pair(request):
+    model, proc = request.getfixturevalue(request.param)
+    return model, proc, Engine(model, proc)
+
+
+def _batch(engine, samples, n):
+    return engine.prepare([s.image for s in samples[:n]], [s.question for s in samples[:n]])
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_logits_match_stock_forward(pair, samples, n):
+    model, _, engine = pair
+    batch = _batch(engine, samples, n)
+    with torch.no_grad():
+        ref = model(**batch).logits
+    out, mask = engine.logits(batch)
+    assert (ref - out)[batch["attention_mask"].bool()].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_greedy_matches_stock_generate(pair, samples, n):
+    model, _, engine = pair
+    batch = _batch(engine, samples, n)
+    with torch.no_grad():
+        ref = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    got = engine.generate(batch, None, max_new_tokens=6).tokens
+    assert got.shape == ref.shape and torch.equal(got, ref)
+
+
+class KeepEven(PruningMethod):
+    """test method: keep even visual tokens before the LLM"""
+
+    def plan(self, info):
+        return [PrunePoint(0, (info.num_visual_tokens + 1) // 2)]
+
+    def select(self, ctx: PruneContext, point):
+        return Selection(ctx.visual_ids[:, ::2])
+
+
+def test_pre_llm_pruning_equals_stock_forward_on_kept_tokens(pair, samples):
+    """Dropping tokens before the LLM = the stock forward on the shortened sequence with the
+    original position ids AND an explicit 2D mask (the block-diagonal trap is avoided)."""
+    model, _, engine = pair
+    batch = _batch(engine, samples, 1)
+    ids = batch["input_ids"][0]
+    image = (ids == model.config.image_token_id).nonzero()[:, 0]
+    drop = image[1::2]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[drop] = False
+    with torch.no_grad():
+        emb = model.model.get_input_embeddings()(batch["input_ids"])
+        feats = torch.cat(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
+        emb = emb.masked_scatter((batch["input_ids"] == model.config.image_token_id)[..., None], feats)
+        pos = torch.arange(ids.shape[0])[keep][None]
+        ref = model(inputs_embeds=emb[:, keep], position_ids=pos, attention_mask=torch.ones_like(pos)).logits
+    out, _ = engine.logits(batch, KeepEven(budget=0.5))
+    assert out.shape == ref.shape
+    assert (ref - out).abs().max() < 1e-4
+
+
+def test_context_attention_equals_eager(pair, samples):
+    """The attention row block computed from q/k after RoPE matches eager attention weights."""
+    model, _, engine = pair
+    batch = _batch(engine, samples, 2)
+    model.set_attn_implementation({"vision_config": "eager", "text_config": "eager"})
+    try:
+        with torch.no_grad():
+            out = model(**batch, output_attentions=True)
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa", "text_config": "sdpa"})
+    captured = {}
+
+    class Probe(PruningMethod):
+        def plan(self, info):
+            return [PrunePoint(2, info.num_visual_tokens)]
+
+        def select(self, ctx, point):
+            t = ctx.key_mask.shape[1]
+            queries = torch.tensor([[t - 1, t - 3]] * ctx.batch_size)
+            captured["now"] = ctx.attention(queries)
+            captured["prev"] = ctx.attention(queries, layer=1)
+            captured["cls"] = ctx.vision_attention()
+            return Selection(ctx.visual_ids)
+
+    engine.generate(batch, Probe(), max_new_tokens=1)
+    t = batch["input_ids"].shape[1]
+    for layer, key in ((2, "now"), (1, "prev")):
+        ref = out.attentions[layer][:, :, [t - 1, t - 3]]
+        assert (captured[key] - ref).abs().max() < 1e-5
+
+
+def test_vision_cls_attention_equals_eager(pair, samples):
+    model, _, engine = pair
+    batch = _batch(engine, samples, 2)
+    tower = model.model.vision_tower
+    model.set_attn_implementation({"vision_config": "eager", "text_config": "sdpa"})
+    try:
+        with torch.no_grad():
+            out = tower(batch["pixel_values"], output_attentions=True)
+    finally:
+        model.set_attn_implementation({"vision_config": "sdpa", "text_config": "sdpa"})
+    layer = model.config.vision_feature_layer % (len(out.attentions) + 1) - 1
+    ref = out.attentions[layer][:, :, 0, 1:]
+    row, _ = engine.adapter.vision_attention(engine.vision(batch["pixel_values"]))
+    assert (row - ref).abs().max() < 1e-5
+
+
+def test_token_counts_and_kept_indices(pair, samples):
+    _, _, engine = pair
+    from gripbench.methods import create_method
+
+    batch = _batch(engine, samples, 2)
+    n, layers = engine.info.num_visual_tokens, engine.info.num_layers
+    gen = engine.generate(batch, create_method("fastv", budget=0.5, K=1, R=0.5), max_new_tokens=2)
+    assert gen.tokens_llm_input == [n, n]
+    assert gen.visual_per_layer == [n] + [round(n * 0.5)] * (layers - 1)
+    assert gen.tokens_layer_avg[0] == pytest.approx((n + (layers - 1) * round(n * 0.5)) / layers)
+    assert all(len(k) == round(n * 0.5) for k in gen.kept_indices)

@@ -1,0 +1,94 @@
+"""The embedded model: stock classes, save/load round trip, shipped checkpoint, training smoke test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from gripbench.tasks.suite import TASKS, make_sample
+from gripbench.zoo import embedded_path
+from gripbench.zoo.model import build_model, build_processor, prompt_text
+
+
+def test_tokenizer_processor_model_round_trip(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    proc = build_processor()
+    model = build_model(proc.tokenizer, seed=0).eval()
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    proc2 = AutoProcessor.from_pretrained(tmp_path)
+    model2 = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    s = make_sample("spatial", "val", 3)
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
+                                    add_generation_prompt=True)
+    assert text == prompt_text(s.question)
+    assert proc2.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
+                                     add_generation_prompt=True) == text
+    a = proc(text=[text], images=[s.image], return_tensors="pt")
+    b = proc2(text=[text], images=[s.image], return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.allclose(a["pixel_values"], b["pixel_values"])
+    assert (a["input_ids"] == model.config.image_token_id).sum() == 144
+    assert proc2.tokenizer.padding_side == "left"
+    assert proc2.tokenizer.unk_token_id not in a["input_ids"][0].tolist()
+    with torch.no_grad():
+        assert torch.allclose(model(**a).logits, model2(**b).logits, atol=1e-5)
+
+
+def test_shipped_checkpoint_loads_without_gripbench():
+    """Stock from_pretrained on the package folder, in a process that never imports gripbench."""
+    folder = embedded_path()
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert size <= 15 * 2**20
+    code = f"""
+import json, torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+m = LlavaForConditionalGeneration.from_pretrained({str(folder)!r}, dtype=torch.float32)
+p = AutoProcessor.from_pretrained({str(folder)!r})
+from PIL import Image
+msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "what color is the circle?"}}]}}]
+x = p(text=[p.apply_chat_template(msgs, add_generation_prompt=True)], images=[Image.new("RGB", (96, 96))], return_tensors="pt")
+out = m.generate(**x, max_new_tokens=2, do_sample=False)
+import sys
+print(json.dumps({{"dtype": str(next(m.parameters()).dtype), "gripbench": "gripbench" in sys.modules, "n": out.shape[1]}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+                         cwd="/")
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info == {"dtype": "torch.float32", "gripbench": False, "n": info["n"]} and info["n"] > 144
+
+
+def test_shipped_weights_are_fp16():
+    from safetensors import safe_open
+
+    with safe_open(str(embedded_path() / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+
+
+def test_training_smoke_loss_decreases(tmp_path):
+    from gripbench.zoo.train import TrainConfig, train
+
+    cfg = TrainConfig(steps=12, batch_size=10, warmup=1, eval_every=10_000, eval_per_task=2, lr=2e-3)
+    result = train(tmp_path, cfg, log=lambda *_: None)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 12
+    first = sum(r["answer_loss"] for r in log[:3]) / 3
+    last = sum(r["answer_loss"] for r in log[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    assert set(result["val"]) == set(TASKS)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "processor_config.json").exists()
+
+
+def test_training_is_deterministic(tmp_path):
+    from gripbench.zoo.train import TrainConfig, train
+
+    cfg = TrainConfig(steps=3, batch_size=4, warmup=1, eval_every=10_000, eval_per_task=1)
+    for run in ("a", "b"):
+        train(tmp_path / run, cfg, log=lambda *_: None)
+    logs = [(tmp_path / r / "train_log.jsonl").read_text().splitlines() for r in ("a", "b")]
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in lines]  # noqa: E731
+    assert strip(logs[0]) == strip(logs[1])
