@@ -38,7 +38,9 @@ def _cmd_zoo(args) -> int:
     from gripbench.zoo.train import TrainConfig, train
 
     out = args.out or str(embedded_path(must_exist=False))
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every)
+    overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+                                   "eval_every": args.eval_every}.items() if v is not None}
+    cfg = TrainConfig(**overrides)
     result = train(out, cfg)
     print(f"trained in {result['elapsed_s'] / 60:.1f} min; validation accuracy: "
           + ", ".join(f"{t} {a:.1%}" for t, a in result["val"].items()))
@@ -76,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--out", help="checkpoint folder to write (build) or check (verify); default: the package's")
     zoo.add_argument("--limit", type=int, default=300, help="verify: test questions per task")
     zoo.add_argument("--json", help="verify: also write the figures to this JSON file")
-    zoo.add_argument("--steps", type=int, default=2000)
-    zoo.add_argument("--batch-size", type=int, default=32)
-    zoo.add_argument("--eval-every", type=int, default=250)
-    zoo.add_argument("--seed", type=int, default=0)
+    zoo.add_argument("--steps", type=int, help="build: training steps (default: TrainConfig's)")
+    zoo.add_argument("--batch-size", type=int)
+    zoo.add_argument("--eval-every", type=int)
+    zoo.add_argument("--seed", type=int)
     zoo.set_defaults(fn=_cmd_zoo)
 
     ev = sub.add_parser("eval", help="evaluate one method at one budget on the embedded tasks")

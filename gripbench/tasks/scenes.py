@@ -80,6 +80,7 @@ class Scene:
     items: list[Item]
     seed: int
     config: SceneConfig = field(default_factory=SceneConfig)
+    clutter: float = 1.0  # background clutter scale: 1 for every split; < 1 only in the training curriculum
 
     @property
     def shapes(self) -> list[Item]:
@@ -96,7 +97,7 @@ class Scene:
 
     def render(self) -> Image.Image:
         rng = np.random.default_rng(self.seed ^ 0x5EED)
-        img = _background(rng, self.config.image_size)
+        img = _background(rng, self.config.image_size, self.clutter)
         draw = ImageDraw.Draw(img)
         for it in self.items:
             _draw_item(draw, it, fill=COLORS[it.color])
@@ -118,25 +119,28 @@ class Scene:
         return sorted({i for it in items for i in self.patches_of(it)})
 
 
-def _background(rng: np.random.Generator, size: int) -> Image.Image:
-    """Texture + noise + distractor lines + specks; never draws a filled shape or a glyph."""
+def _background(rng: np.random.Generator, size: int, clutter: float = 1.0) -> Image.Image:
+    """Texture + noise + distractor lines + specks, all scaled by `clutter`; never draws a
+    filled shape or a glyph. The random draws do not depend on `clutter`."""
     base = rng.integers(95, 165, size=3)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     angle, freq = rng.uniform(0, math.pi), rng.uniform(0.15, 0.45)
     stripes = np.sin(freq * (xx * math.cos(angle) + yy * math.sin(angle)) + rng.uniform(0, 6.3))
     blotch = np.sin(xx / rng.uniform(9, 20) + rng.uniform(0, 6.3)) * np.cos(yy / rng.uniform(9, 20))
     tint = rng.uniform(-1, 1, size=3) * 18
-    arr = base[None, None, :] + stripes[..., None] * 14 + blotch[..., None] * tint[None, None, :]
-    arr = arr + rng.normal(0, 9, size=arr.shape)
+    arr = base[None, None, :] + clutter * (stripes[..., None] * 14 + blotch[..., None] * tint[None, None, :])
+    arr = arr + clutter * rng.normal(0, 9, size=arr.shape)
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     palette = list(COLORS.values()) + [(30, 30, 30), (235, 235, 235)]
-    for _ in range(int(rng.integers(3, 7))):
-        x0, y0, x1, y1 = (int(v) for v in rng.integers(0, size, 4))
-        draw.line((x0, y0, x1, y1), fill=palette[int(rng.integers(len(palette)))], width=1)
-    for _ in range(int(rng.integers(10, 25))):
-        x, y = (int(v) for v in rng.integers(0, size - 2, 2))
-        draw.rectangle((x, y, x + 1, y + 1), fill=palette[int(rng.integers(len(palette)))])
+    lines = [(tuple(int(v) for v in rng.integers(0, size, 4)), int(rng.integers(len(palette))))
+             for _ in range(int(rng.integers(3, 7)))]
+    specks = [(tuple(int(v) for v in rng.integers(0, size - 2, 2)), int(rng.integers(len(palette))))
+              for _ in range(int(rng.integers(10, 25)))]
+    for box, c in lines[: round(clutter * len(lines))]:
+        draw.line(box, fill=palette[c], width=1)
+    for (x, y), c in specks[: round(clutter * len(specks))]:
+        draw.rectangle((x, y, x + 1, y + 1), fill=palette[c])
     return img
 
 

@@ -199,7 +199,7 @@ _MAKERS = {"attribute": _attribute, "existence": _existence, "spatial": _spatial
 
 
 def make_sample(task: str, split: str, index: int, cfg: SceneConfig = SceneConfig(), base_seed: int = 0,
-                max_shapes: int = 6) -> Sample:
+                max_shapes: int = 6, clutter: float = 1.0) -> Sample:
     """The index-th sample of a split: a pure function of its arguments. `max_shapes` < 6
     gives simpler scenes (training curriculum only; test and val always use 3-6 shapes)."""
     if task not in TASKS:
@@ -219,8 +219,27 @@ def make_sample(task: str, split: str, index: int, cfg: SceneConfig = SceneConfi
         if split == "train" and is_held_out(scene.fingerprint(), cfg):
             continue
         question, answer, items, meta = made
+        scene.clutter = clutter
         return Sample(f"{task}-{split}-{index}", task, question, answer, scene.evidence(items), scene, meta)
     raise RuntimeError(f"could not generate {task}/{split}/{index}")
+
+
+def extra_questions(sample: Sample, n: int, seed: int) -> list[tuple[str, str]]:
+    """Up to n more (question, answer) pairs about the same scene, from the other task
+    families, for multi-turn training conversations (as in LLaVA's instruction data)."""
+    rng = np.random.default_rng(_seed(seed, "extra", sample.id))
+    scene, out = sample.scene, []
+    families = [t for t in TASKS if t != sample.task]
+    for task in rng.permutation(families)[:n]:
+        if task == "counting":
+            by = "shape" if rng.random() < 0.5 else "color"
+            spec = {"by": by, "value": getattr(_pick(rng, scene.shapes), by)}
+            made = _counting(rng, scene, spec)
+        else:
+            made = _MAKERS[str(task)](rng, scene)
+        if made is not None:
+            out.append((made[0], made[1]))
+    return out
 
 
 def load_split(task: str, split: str = "test", limit: int | None = None, cfg: SceneConfig = SceneConfig()) -> list[Sample]:

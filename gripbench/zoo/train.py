@@ -30,23 +30,32 @@ import torch
 import torch.nn.functional as F
 
 from gripbench.tasks.scenes import CHARS, COLORS, SHAPES
-from gripbench.tasks.suite import TASKS, Sample, load_split, make_sample
+from gripbench.tasks.suite import TASKS, Sample, extra_questions, load_split, make_sample
 from gripbench.zoo.model import build_model, build_processor, prompt_text
 
 
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    batch_size: int = 32
+    batch_size: int = 24
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.05
     aux_weight: float = 0.5
     eval_every: int = 250
     eval_per_task: int = 100
-    curriculum: float = 0.0  # share of steps over which scenes grow from 1-2 shapes to 3-6
+    curriculum: float = 0.25  # share of steps over which scenes grow from 1-2 shapes to 3-6
     init_range: float = 0.02
+    qk_init: float = 0.0  # if > 0, std of the LLM's q/k projections at init (see module docstring)
+    extra_turns: int = 4  # more questions about the same scene per training conversation
+    grounded_aux: bool = True  # aux class vectors = the LLM's word embeddings (see AuxHeads)
+    qk_tie: float = 0.0  # if > 0, W_q = W_k at init with this std (see tie_query_key)
     seed: int = 0
+
+    def clutter(self, step: int) -> float:
+        if self.curriculum <= 0:
+            return 1.0
+        return min(1.0, 0.25 + 0.75 * step / (self.curriculum * self.steps))
 
     def max_shapes(self, step: int) -> int:
         if self.curriculum <= 0 or step >= self.curriculum * self.steps:
@@ -55,13 +64,13 @@ class TrainConfig:
 
 
 def patch_labels(sample: Sample) -> torch.Tensor:
-    """[3, num_patches] long: colour, shape (sign = last class) and character of the item
-    holding the most pixels of each patch (0 = background)."""
+    """[4, num_patches] long: colour, shape (sign = last class) and character of the item
+    holding the most pixels of each patch (0 = background), and 1 at each item's centre patch."""
     scene = sample.scene
     cfg = scene.config
     g, p = cfg.grid, cfg.patch_size
     best = np.zeros(cfg.num_patches)
-    labels = np.zeros((3, cfg.num_patches), dtype=np.int64)
+    labels = np.zeros((4, cfg.num_patches), dtype=np.int64)
     for it in scene.items:
         counts = scene.mask(it).reshape(g, p, g, p).sum(axis=(1, 3)).reshape(-1)
         win = (counts >= cfg.min_patch_pixels) & (counts > best)
@@ -69,32 +78,99 @@ def patch_labels(sample: Sample) -> torch.Tensor:
         labels[0, win] = 1 + list(COLORS).index(it.color)
         labels[1, win] = 1 + (SHAPES.index(it.shape) if it.kind == "shape" else len(SHAPES))
         labels[2, win] = 1 + CHARS.index(it.char) if it.kind == "sign" else 0
+        cx, cy = it.center
+        labels[3, int(cy) // p * g + int(cx) // p] = 1
     return torch.from_numpy(labels)
 
 
-def encode(processor, samples: list[Sample], with_answers: bool) -> dict[str, torch.Tensor]:
-    """Processor inputs; with answers, right-padded with labels on the answer + `</s>` only."""
-    texts = [prompt_text(s.question) + (f" {s.answer}</s>" if with_answers else "") for s in samples]
+def encode(processor, samples: list[Sample], with_answers: bool,
+           extra: list[list[tuple[str, str]]] | None = None) -> dict[str, torch.Tensor]:
+    """Processor inputs. With answers: right-padded, the conversation continued with the
+    `extra` (question, answer) turns, labels on every answer and its `</s>` only."""
+    texts = []
+    for i, s in enumerate(samples):
+        text = prompt_text(s.question)
+        if with_answers:
+            text += f" {s.answer}</s>" + "".join(f"USER: {q} ASSISTANT: {a}</s>" for q, a in (extra[i] if extra else []))
+        texts.append(text)
     batch = processor(text=texts, images=[s.image for s in samples], padding=True, return_tensors="pt",
                       padding_side="right" if with_answers else "left")
     if with_answers:
-        labels = torch.full_like(batch["input_ids"], -100)
-        lengths = batch["attention_mask"].sum(1)
-        for row, s in enumerate(samples):
-            n = len(processor.tokenizer(f"{s.answer}</s>", add_special_tokens=False).input_ids)
-            end = int(lengths[row])
-            labels[row, end - n:end] = batch["input_ids"][row, end - n:end]
-        batch["labels"] = labels
+        batch["labels"] = answer_labels(batch["input_ids"], processor.tokenizer)
     return batch
 
 
+def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Labels = the tokens after each 'assistant :' up to and including `</s>`; -100 elsewhere."""
+    assistant, colon = tokenizer.convert_tokens_to_ids(["assistant", ":"])
+    eos = tokenizer.eos_token_id
+    labels = torch.full_like(input_ids, -100)
+    for row, ids in enumerate(input_ids.tolist()):
+        inside = False
+        for j in range(1, len(ids)):
+            if inside:
+                labels[row, j] = ids[j]
+                inside = ids[j] != eos
+            elif ids[j] == colon and ids[j - 1] == assistant:
+                inside = True
+    return labels
+
+
 class AuxHeads(torch.nn.Module):
-    def __init__(self, dim: int):
+    """Per-patch colour / shape / character classifiers on the projector outputs.
+
+    With `embeddings` (the LLM's input embedding table) and `tokenizer`, the class vectors
+    of the named classes ARE the LLM's word embeddings of "red", "circle", "a", ... (cosine
+    logits): a triangle patch is pulled toward the embedding of the word "triangle". This
+    is what LLaVA's stage-1 alignment gives a pretrained LLM for free, a visual token in
+    the LLM's word space, and it lets a question word find its patches by similarity.
+    Only the "background" vector of each head is a free parameter."""
+
+    def __init__(self, dim: int, embeddings: torch.nn.Embedding | None = None, tokenizer=None, grid: int = 12):
         super().__init__()
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in (len(COLORS) + 1, len(SHAPES) + 2, len(CHARS) + 1))
+        self.sizes = (len(COLORS) + 1, len(SHAPES) + 2, len(CHARS) + 1)
+        self.embeddings = embeddings
+        self.grid = grid
+        # where: row, column and "centre of an item" (lets the LLM count items, not patches)
+        self.where = torch.nn.ModuleList([torch.nn.Linear(dim, grid), torch.nn.Linear(dim, grid), torch.nn.Linear(dim, 2)])
+        if embeddings is None:
+            self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in self.sizes)
+            return
+        words = [list(COLORS), list(SHAPES) + ["sign"], [c.lower() for c in CHARS]]
+        self.word_ids = [torch.tensor(tokenizer.convert_tokens_to_ids(w)) for w in words]
+        self.background = torch.nn.Parameter(torch.randn(3, dim) * 0.02)
+        self.scale = torch.nn.Parameter(torch.full((3,), 10.0))
+
+    def logits(self, feats: torch.Tensor, i: int) -> torch.Tensor:
+        if self.embeddings is None:
+            return self.heads[i](feats)
+        classes = torch.cat([self.background[i:i + 1], self.embeddings.weight[self.word_ids[i]]])
+        return self.scale[i] * F.normalize(feats, dim=-1) @ F.normalize(classes, dim=-1).T
 
     def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return sum(F.cross_entropy(h(feats).flatten(0, 1), labels[:, i].flatten()) for i, h in enumerate(self.heads)) / 3
+        what = sum(F.cross_entropy(self.logits(feats, i).flatten(0, 1), labels[:, i].flatten()) for i in range(3))
+        idx = torch.arange(feats.shape[1], device=feats.device)
+        targets = (idx // self.grid, idx % self.grid)
+        where = sum(F.cross_entropy(self.where[i](feats).flatten(0, 1), targets[i].expand(feats.shape[0], -1).flatten())
+                    for i in range(2))
+        where = where + F.cross_entropy(self.where[2](feats).flatten(0, 1), labels[:, 3].flatten())
+        return (what + where) / 6
+
+
+def tie_query_key(model, std: float, generator: torch.Generator | None = None) -> None:
+    """Initialise every LLM attention head with W_q = W_k (each query head equal to its
+    key/value group's key head), random N(0, std^2): attention starts as similarity in a
+    random subspace instead of uniform, which breaks the slow start of learning to
+    retrieve one object among 144 visual tokens."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            attn = layer.self_attn
+            hd = attn.head_dim
+            k = torch.randn(attn.k_proj.weight.shape, generator=generator) * std
+            attn.k_proj.weight.copy_(k)
+            groups = attn.num_key_value_groups
+            q = torch.cat([k[(h // groups) * hd:(h // groups + 1) * hd] for h in range(attn.q_proj.weight.shape[0] // hd)])
+            attn.q_proj.weight.copy_(q)
 
 
 def training_step(model, heads: AuxHeads, batch: dict, aux: torch.Tensor, aux_weight: float):
@@ -129,8 +205,16 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
     torch.manual_seed(cfg.seed)
     processor = build_processor()
     model = build_model(processor.tokenizer, seed=cfg.seed, init_range=cfg.init_range)
-    heads = AuxHeads(model.config.text_config.hidden_size)
-    params = list(model.parameters()) + list(heads.parameters())
+    if cfg.qk_init > 0:
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                layer.self_attn.q_proj.weight.normal_(0, cfg.qk_init)
+                layer.self_attn.k_proj.weight.normal_(0, cfg.qk_init)
+    if cfg.qk_tie > 0:
+        tie_query_key(model, cfg.qk_tie)
+    emb = model.model.language_model.embed_tokens
+    heads = AuxHeads(model.config.text_config.hidden_size, emb if cfg.grounded_aux else None, processor.tokenizer)
+    params = list(model.parameters()) + [p for n, p in heads.named_parameters() if not n.startswith("embeddings.")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
     val = {t: load_split(t, "val", cfg.eval_per_task) for t in TASKS}
@@ -143,8 +227,9 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
     for step in range(cfg.steps):
         first = step * cfg.batch_size
         samples = [make_sample(tasks[(first + j) % len(tasks)], "train", first + j, base_seed=cfg.seed,
-                               max_shapes=cfg.max_shapes(step)) for j in range(cfg.batch_size)]
-        batch = encode(processor, samples, with_answers=True)
+                               max_shapes=cfg.max_shapes(step), clutter=cfg.clutter(step)) for j in range(cfg.batch_size)]
+        extra = [extra_questions(s, cfg.extra_turns, cfg.seed) for s in samples] if cfg.extra_turns else None
+        batch = encode(processor, samples, with_answers=True, extra=extra)
         aux = torch.stack([patch_labels(s) for s in samples])
         loss, ans, auxl = training_step(model, heads, batch, aux, cfg.aux_weight)
         opt.zero_grad(set_to_none=True)
