@@ -150,12 +150,25 @@ class Engine:
             out.append(int.from_bytes(h.digest()[:8], "little") >> 1)
         return out
 
-    def prefill(self, batch: dict, method: PruningMethod | None, vision: VisionOutput | None = None,
-                timings: dict | None = None):
-        """Run the LLM over the prompt. Returns (last-position logits [B, V], cache, per-layer
-        key masks, final state, visual tokens per layer, all-position logits of the final state)."""
+    def context(self, batch: dict, vision: VisionOutput | None = None) -> PruneContext:
+        """The layer-0 context of a batch (what a pre-LLM method sees), e.g. to train a scorer."""
         vision = self.vision(batch["pixel_values"]) if vision is None else vision
         st = self._initial_state(batch, vision)
+        return PruneContext(self.adapter, self.info, 0, st.hidden, st.positions, st.key_mask, st.visual_slots,
+                            st.visual_ids, st.input_ids, vision, None, [])
+
+    def prefill(self, batch: dict, method: PruningMethod | None, vision: VisionOutput | None = None,
+                timings: dict | None = None, key_bias: torch.Tensor | None = None):
+        """Run the LLM over the prompt. Returns (cache, per-layer key masks, final state, visual
+        tokens per layer). `key_bias` [B, N], added to every layer's attention logits on the
+        visual keys, is the differentiable mask of relaxation-trained scorers (DynamicViT):
+        log(keep) drops a key smoothly; it must be used without pruning."""
+        vision = self.vision(batch["pixel_values"]) if vision is None else vision
+        st = self._initial_state(batch, vision)
+        bias = None
+        if key_bias is not None:
+            bias = torch.zeros(st.key_mask.shape, dtype=key_bias.dtype, device=key_bias.device)
+            bias = bias.scatter(1, st.visual_slots, key_bias)[:, None, None, :]
         points: dict[int, PrunePoint] = {p.layer: p for p in (method.plan(self.info) if method else [])}
         seeds = self.row_seeds(batch, method.seed) if points else []
         cache = DynamicCache()
@@ -173,6 +186,8 @@ class Engine:
             key_masks.append(st.key_mask)
             cos_sin = self.adapter.rotary(st.hidden, st.positions)
             mask = self._mask(st.key_mask, st.hidden.shape[1], st.hidden.dtype)
+            if bias is not None:
+                mask = mask + bias
             prev_hidden = st.hidden
             st.hidden = layer(st.hidden, attention_mask=mask, position_ids=st.positions, past_key_values=cache,
                               use_cache=True, position_embeddings=cos_sin)
@@ -203,15 +218,7 @@ class Engine:
             if step == max_new_tokens - 1 or not unfinished.any():
                 break
             positions = self.adapter.next_positions(positions)
-            h = self.adapter.embed(nxt[:, None])
-            cos_sin = self.adapter.rotary(h, positions)
-            ones = torch.ones(b, 1, dtype=torch.bool, device=h.device)
-            for i, layer in enumerate(self.adapter.layers):
-                key_masks[i] = torch.cat([key_masks[i], ones], dim=1)
-                mask = self._mask(key_masks[i], 1, h.dtype)
-                h = layer(h, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                          position_embeddings=cos_sin)
-            logits = self.adapter.logits(h)[:, -1]
+            logits = self._decode_step(nxt, positions, cache, key_masks)
         timings["decode"] = time.perf_counter() - t1
         timings["decode_steps"] = len(out) - 1
         tokens = torch.stack(out, dim=1)
@@ -220,6 +227,43 @@ class Engine:
         avg = sum(per_layer) / n_layers
         return Generation(tokens, texts, st.visual_ids.tolist(), [per_layer[0]] * b, [avg] * b, [avg] * b,
                           per_layer, timings)
+
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, key_masks: list) -> torch.Tensor:
+        """Feed one token per row through every layer's cache; returns next-token logits [B, V]."""
+        h = self.adapter.embed(tokens[:, None])
+        cos_sin = self.adapter.rotary(h, positions)
+        ones = torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)
+        for i, layer in enumerate(self.adapter.layers):
+            key_masks[i] = torch.cat([key_masks[i], ones], dim=1)
+            mask = self._mask(key_masks[i], 1, h.dtype)
+            h = layer(h, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                      position_embeddings=cos_sin)
+        return self.adapter.logits(h)[:, -1]
+
+    def score(self, batch: dict, method: PruningMethod | None, targets: torch.Tensor,
+              vision: VisionOutput | None = None, key_bias: torch.Tensor | None = None):
+        """Teacher-forced answer scoring: targets [B, L] (pad = -100 after the end).
+        Returns (sum of target log-probs [B], greedy-correct [B] bool, first-step logits [B, V]):
+        greedy-correct means greedy decoding would produce exactly the target tokens."""
+        cache, key_masks, st, _ = self.prefill(batch, method, vision, key_bias=key_bias)
+        logits = self.adapter.logits(st.hidden[:, -1:])[:, -1]
+        first = logits
+        positions = st.positions
+        total = torch.zeros(targets.shape[0], device=logits.device)
+        correct = torch.ones(targets.shape[0], dtype=torch.bool, device=logits.device)
+        for j in range(targets.shape[1]):
+            tgt = targets[:, j]
+            valid = tgt >= 0
+            if not valid.any():
+                break
+            safe = tgt.clamp_min(0)
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(1, safe[:, None])[:, 0]
+            total = total + torch.where(valid, logp, torch.zeros_like(logp))
+            correct &= ~valid | (logits.argmax(-1) == safe)
+            if j + 1 < targets.shape[1] and (targets[:, j + 1] >= 0).any():
+                positions = self.adapter.next_positions(positions)
+                logits = self._decode_step(safe, positions, cache, key_masks)
+        return total, correct, first
 
     @torch.no_grad()
     def logits(self, batch: dict, method: PruningMethod | None = None, vision: VisionOutput | None = None):

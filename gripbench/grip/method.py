@@ -1,0 +1,96 @@
+"""GRIP-VLM and the scorers compared with it, as pruning methods: top-k of a trained scorer
+before the LLM.
+
+- `grip`: the scorer after supervised warm-up and GRPO (arXiv 2605.13375, our reading);
+- `grip-warmup`: the same scorer after the supervised warm-up only (GRPO's reference policy);
+- `dynamicvit`: the same architecture trained end to end through a Gumbel-softmax
+  straight-through mask (DynamicViT, arXiv 2106.02034): the continuous-relaxation family.
+
+Each loads its weights from `gripbench/grip/weights/<name>.safetensors` (trained for the
+embedded model) or from `scorer=PATH` (a file written by `gripbench train`). The scorer's
+FLOPs and time are the method's own cost.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gripbench.errors import GripbenchError
+from gripbench.grip.scorer import BudgetAwareScorer
+from gripbench.methods import ModelInfo, PrunePoint, PruningMethod, Selection, keep_count, topk_sorted
+
+WEIGHTS = Path(__file__).parent / "weights"
+
+
+def save_scorer(scorer: BudgetAwareScorer, path: str | Path, meta: dict | None = None) -> None:
+    meta = {"dim": scorer.dim, "width": scorer.width, **(meta or {})}
+    save_file({k: v.contiguous() for k, v in scorer.state_dict().items()}, str(path),
+              metadata={"gripbench": json.dumps(meta)})
+
+
+@lru_cache(maxsize=8)
+def load_scorer(path: str) -> BudgetAwareScorer:
+    from safetensors import safe_open
+
+    if not Path(path).exists():
+        raise GripbenchError(f"no trained scorer at {path}; train one with `gripbench train`")
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["gripbench"])
+    scorer = BudgetAwareScorer(meta["dim"], meta["width"])
+    scorer.load_state_dict(load_file(path))
+    return scorer.eval()
+
+
+class ScorerMethod(PruningMethod):
+    """Top round(rho*N) visual tokens by a trained scorer's logits, before the LLM."""
+
+    weights = "grip"
+
+    def plan(self, info: ModelInfo) -> list[PrunePoint]:
+        return [PrunePoint(0, keep_count(self.budget, info.num_visual_tokens))]
+
+    def scorer(self, dim: int) -> BudgetAwareScorer:
+        path = str(self.params.get("scorer", WEIGHTS / f"{self.weights}.safetensors"))
+        scorer = load_scorer(path)
+        if scorer.dim != dim:
+            raise GripbenchError(f"the scorer at {path} was trained for hidden size {scorer.dim}, the model has {dim}; "
+                                 f"train one for this model with `gripbench train {self.weights} --model ...`")
+        return scorer
+
+    def logits(self, ctx) -> torch.Tensor:
+        feats = ctx.visual_features()
+        scorer = self.scorer(feats.shape[-1]).to(feats.device)
+        q, qm = ctx.question_embeddings()
+        rho = torch.full((feats.shape[0],), self.budget, device=feats.device)
+        with torch.no_grad():
+            return scorer(feats, q, qm, rho, ctx.info.grid)
+
+    def select(self, ctx, point: PrunePoint) -> Selection:
+        logits = self.logits(ctx)
+        return Selection(ctx.visual_ids.gather(1, topk_sorted(logits, point.keep)), scores=logits)
+
+
+class Grip(ScorerMethod):
+    """GRIP-VLM: budget-aware scorer trained by GRPO after a supervised warm-up; top-k before the LLM"""
+
+    name = "grip"
+    weights = "grip"
+
+
+class GripWarmup(ScorerMethod):
+    """GRIP's scorer after the supervised warm-up only (the RL reference policy)"""
+
+    name = "grip-warmup"
+    weights = "grip-warmup"
+
+
+class DynamicViT(ScorerMethod):
+    """same scorer trained through a Gumbel-softmax straight-through mask (DynamicViT-style relaxation)"""
+
+    name = "dynamicvit"
+    weights = "dynamicvit"
