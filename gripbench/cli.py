@@ -56,6 +56,34 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from gripbench.engine import Engine
+    from gripbench.grip.method import WEIGHTS, load_scorer
+    from gripbench.grip.train import ScorerTrainConfig, train_dynamicvit, train_grpo, train_warmup
+    from gripbench.zoo import load
+
+    cfg = ScorerTrainConfig(seed=args.seed)
+    if args.steps is not None:
+        key = {"warmup": "warmup_steps", "grip": "grpo_steps", "dynamicvit": "dynamicvit_steps"}[args.what]
+        cfg = replace(cfg, **{key: args.steps})
+    out = Path(args.out or f"results/train-{args.what}")
+    engine = Engine(*load(args.model))
+    if args.what == "warmup":
+        train_warmup(engine, cfg, out)
+    elif args.what == "dynamicvit":
+        train_dynamicvit(engine, cfg, out)
+    else:
+        ref = Path(args.reference) if args.reference else out / "grip-warmup.safetensors"
+        if not ref.exists() and args.model == "embedded":
+            ref = WEIGHTS / "grip-warmup.safetensors"
+        train_grpo(engine, cfg, out, load_scorer(str(ref)))
+    print(f"scorer and training log written to {out}")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from gripbench.evaluate import evaluate_tasks
 
@@ -83,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--eval-every", type=int)
     zoo.add_argument("--seed", type=int)
     zoo.set_defaults(fn=_cmd_zoo)
+
+    tr = sub.add_parser("train", help="train a scorer: warmup (supervised), grip (GRPO), dynamicvit (relaxation)")
+    tr.add_argument("what", choices=["warmup", "grip", "dynamicvit"])
+    tr.add_argument("--model", default="embedded")
+    tr.add_argument("--out", help="output folder (default results/train-WHAT)")
+    tr.add_argument("--reference", help="grip: the warm-up scorer to start from and stay close to")
+    tr.add_argument("--steps", type=int)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(fn=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate one method at one budget on the embedded tasks")
     ev.add_argument("--model", default="embedded")
