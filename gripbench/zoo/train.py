@@ -46,10 +46,8 @@ class TrainConfig:
     eval_per_task: int = 100
     curriculum: float = 0.25  # share of steps over which scenes grow from 1-2 shapes to 3-6
     init_range: float = 0.02
-    qk_init: float = 0.0  # if > 0, std of the LLM's q/k projections at init (see module docstring)
     extra_turns: int = 4  # more questions about the same scene per training conversation
     grounded_aux: bool = True  # aux class vectors = the LLM's word embeddings (see AuxHeads)
-    qk_tie: float = 0.0  # if > 0, W_q = W_k at init with this std (see tie_query_key)
     seed: int = 0
 
     def clutter(self, step: int) -> float:
@@ -157,22 +155,6 @@ class AuxHeads(torch.nn.Module):
         return (what + where) / 6
 
 
-def tie_query_key(model, std: float, generator: torch.Generator | None = None) -> None:
-    """Initialise every LLM attention head with W_q = W_k (each query head equal to its
-    key/value group's key head), random N(0, std^2): attention starts as similarity in a
-    random subspace instead of uniform, which breaks the slow start of learning to
-    retrieve one object among 144 visual tokens."""
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            attn = layer.self_attn
-            hd = attn.head_dim
-            k = torch.randn(attn.k_proj.weight.shape, generator=generator) * std
-            attn.k_proj.weight.copy_(k)
-            groups = attn.num_key_value_groups
-            q = torch.cat([k[(h // groups) * hd:(h // groups + 1) * hd] for h in range(attn.q_proj.weight.shape[0] // hd)])
-            attn.q_proj.weight.copy_(q)
-
-
 def training_step(model, heads: AuxHeads, batch: dict, aux: torch.Tensor, aux_weight: float):
     out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1].float()
@@ -200,18 +182,19 @@ def accuracy(model, processor, samples: list[Sample], batch_size: int = 50) -> f
     return correct / len(samples)
 
 
+def save_checkpoint(model, processor, out_dir: Path) -> None:
+    """fp16 safetensors + processor files, written from a copy so training continues in fp32."""
+    import copy
+
+    copy.deepcopy(model).half().save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
 def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> dict:
     """Train, validate every `eval_every` steps, save an fp16 checkpoint + processor to out_dir."""
     torch.manual_seed(cfg.seed)
     processor = build_processor()
     model = build_model(processor.tokenizer, seed=cfg.seed, init_range=cfg.init_range)
-    if cfg.qk_init > 0:
-        with torch.no_grad():
-            for layer in model.model.language_model.layers:
-                layer.self_attn.q_proj.weight.normal_(0, cfg.qk_init)
-                layer.self_attn.k_proj.weight.normal_(0, cfg.qk_init)
-    if cfg.qk_tie > 0:
-        tie_query_key(model, cfg.qk_tie)
     emb = model.model.language_model.embed_tokens
     heads = AuxHeads(model.config.text_config.hidden_size, emb if cfg.grounded_aux else None, processor.tokenizer)
     params = list(model.parameters()) + [p for n, p in heads.named_parameters() if not n.startswith("embeddings.")]
@@ -241,6 +224,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
                   "aux_loss": round(auxl.item(), 4), "elapsed_s": round(time.perf_counter() - start, 1)}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             record["val"] = {t: accuracy(model, processor, s) for t, s in val.items()}
+            save_checkpoint(model, processor, out_dir)  # a stopped run still leaves its latest model
             log(f"step {step + 1}/{cfg.steps}  {record['elapsed_s']:.0f}s  loss {record['answer_loss']:.3f} aux {record['aux_loss']:.3f}  "
                 + "  ".join(f"{t} {a:.1%}" for t, a in record["val"].items()))
         elif (step + 1) % 25 == 0:
@@ -248,6 +232,5 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
         logf.write(json.dumps(record) + "\n")
         logf.flush()
     logf.close()
-    model.half().save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    save_checkpoint(model, processor, out_dir)
     return {"elapsed_s": time.perf_counter() - start, "val": record.get("val", {})}
