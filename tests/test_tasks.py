@@ -45,10 +45,11 @@ def test_evidence_covers_the_referenced_items(task):
         for idx in s.evidence:
             r, c = divmod(idx, g)
             covered[r * p:(r + 1) * p, c * p:(c + 1) * p] = True
+        referenced = [it for it in s.scene.items if set(s.scene.patches_of(it)) <= set(s.evidence)]
+        assert referenced and set(s.evidence) == set(s.scene.evidence(referenced))
         union = np.zeros_like(covered)
-        for it in s.scene.items:
-            if set(s.scene.patches_of(it)) & set(s.evidence):
-                union |= s.scene.mask(it)
+        for it in referenced:
+            union |= s.scene.mask(it)
         per_patch = union.reshape(g, p, g, p).sum(axis=(1, 3)).reshape(-1)
         assert all(per_patch[idx] >= cfg.min_patch_pixels for idx in s.evidence)
         assert (union & covered).sum() >= 0.9 * union.sum()

@@ -163,8 +163,12 @@ class Trainer:
         scorer.train()
         return out
 
-    def write(self, f, record: dict) -> None:
-        f.write(json.dumps(record) + "\n")
+    def record(self, f, rec: dict, total: int, scorer: BudgetAwareScorer) -> None:
+        """Validate every `val_every` steps and at the end, then append the step's JSON line."""
+        if rec["step"] % self.cfg.val_every == 0 or rec["step"] == total:
+            rec.update(self.validate(scorer))
+            self.log(json.dumps(rec))
+        f.write(json.dumps(rec) + "\n")
         f.flush()
 
 
@@ -187,10 +191,7 @@ def train_warmup(engine: Engine, cfg: ScorerTrainConfig, out: Path, log=print) -
             opt.step()
             rec = {"phase": "warmup", "step": step + 1, "loss": round(loss.item(), 4),
                    "elapsed_s": round(time.perf_counter() - start, 1)}
-            if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.warmup_steps:
-                rec.update(tr.validate(scorer))
-                log(json.dumps(rec))
-            tr.write(f, rec)
+            tr.record(f, rec, cfg.warmup_steps, scorer)
     save_scorer(scorer, tr.out / "grip-warmup.safetensors", {"method": "grip-warmup", "config": asdict(cfg)})
     return scorer
 
@@ -233,10 +234,7 @@ def train_grpo(engine: Engine, cfg: ScorerTrainConfig, out: Path, reference: Bud
                    "accuracy": round((rewards >= 1).float().mean().item(), 4), "kl": round(stats["kl"], 5),
                    "entropy": round(-(probs * torch.log(probs + 1e-12)).sum(-1).mean().item(), 4),
                    "loss": round(loss.item(), 4), "elapsed_s": round(time.perf_counter() - start, 1)}
-            if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.grpo_steps:
-                rec.update(tr.validate(scorer))
-                log(json.dumps(rec))
-            tr.write(f, rec)
+            tr.record(f, rec, cfg.grpo_steps, scorer)
     save_scorer(scorer, tr.out / "grip.safetensors", {"method": "grip", "config": asdict(cfg)})
     return scorer
 
@@ -291,10 +289,7 @@ def train_dynamicvit(engine: Engine, cfg: ScorerTrainConfig, out: Path, log=prin
             rec = {"phase": "dynamicvit", "step": step + 1, "loss": round(loss.item(), 4), "task": round(task.item(), 4),
                    "distill": round(distill.item(), 4), "ratio": round(ratio.item(), 5),
                    "keep_rate": round(hard.mean().item(), 4), "elapsed_s": round(time.perf_counter() - start, 1)}
-            if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.dynamicvit_steps:
-                rec.update(tr.validate(scorer))
-                log(json.dumps(rec))
-            tr.write(f, rec)
+            tr.record(f, rec, cfg.dynamicvit_steps, scorer)
     save_scorer(scorer, tr.out / "dynamicvit.safetensors", {"method": "dynamicvit", "config": asdict(cfg)})
     return scorer
 

@@ -1,0 +1,54 @@
+"""The results store keeps every finished cell, and names a corrupt file."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from gripbench.errors import GripbenchError
+from gripbench.store import ResultsStore
+
+
+def _cell(h: str, method: str = "none") -> dict:
+    return {"config_hash": h, "model": "embedded", "task": "text", "method": method, "method_params": "{}",
+            "budget": 1.0, "limit": 10, "seed": 0, "accuracy": 0.5}
+
+
+def _samples() -> pd.DataFrame:
+    return pd.DataFrame({"sample_id": ["a", "b"], "correct": [True, False], "prediction": ["x", "y"],
+                         "target": ["x", "x"], "kept_indices": [[0, 1], [2]]})
+
+
+def test_cells_are_durable_and_merged(tmp_path):
+    store = ResultsStore(tmp_path).create()
+    store.add(_cell("h1"), _samples())
+    store.add(_cell("h2", "fastv"), _samples())
+    assert store.finished() == {"h1", "h2"}
+    merged = pd.read_parquet(tmp_path / "cells.parquet")
+    assert sorted(merged.config_hash) == ["h1", "h2"]
+    assert len(pd.read_parquet(tmp_path / "samples.parquet")) == 4
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_row_without_samples_is_not_finished(tmp_path):
+    store = ResultsStore(tmp_path).create()
+    store.add(_cell("h1"), _samples())
+    (tmp_path / "samples.d" / "h1.parquet").unlink()
+    assert store.finished() == set()
+
+
+def test_corrupt_file_is_named_and_nothing_is_lost(tmp_path):
+    store = ResultsStore(tmp_path).create()
+    store.add(_cell("h1"), _samples())
+    bad = tmp_path / "cells.d" / "zz.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(GripbenchError, match="zz.parquet"):
+        store.cells()
+    assert (tmp_path / "cells.d" / "h1.parquet").exists() and bad.exists()
+
+
+def test_foreign_parquet_is_rejected(tmp_path):
+    store = ResultsStore(tmp_path).create()
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "cells.d" / "foreign.parquet")
+    with pytest.raises(GripbenchError, match="not a gripbench results file"):
+        store.cells()
