@@ -86,6 +86,7 @@ def evaluate_tasks(model: str = "embedded", method: str = "none", budget: float 
     for t in names:
         res = run_samples(engine, load_split(t, "test", limit), m, batch_size)
         accs[t] = accuracy(res)
-        print(f"{t:<10} {accs[t]:.1%}  (n={len(res)}, visual tokens into the LLM: {res[0].tokens_llm_input})", file=out)
+        print(f"{t:<10} {accs[t]:.1%}  (n={len(res)}; visual tokens: {res[0].tokens_llm_input} into the LLM, "
+              f"{res[0].tokens_layer_avg:.1f} layer average)", file=out)
     print(f"{'macro':<10} {sum(accs.values()) / len(accs):.1%}  method={method} budget={budget:g}", file=out)
     return accs

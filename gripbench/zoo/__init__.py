@@ -26,6 +26,9 @@ def load(model: str = "embedded", dtype=None, device: str | None = None):
 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     path = str(embedded_path()) if model == "embedded" else model
     if model != "embedded" and not os.path.isdir(path) and "/" not in path:
