@@ -80,24 +80,23 @@ class ResultsStore:
         _atomic_write(pa.Table.from_pandas(pd.DataFrame([cell]), preserve_index=False), self.root / CELLS / f"{h}.parquet")
         self.consolidate()
 
-    def cells(self) -> pd.DataFrame:
-        """All finished cells (from the per-cell files, or cells.parquet for a folder without them)."""
-        files = sorted((self.root / CELLS).glob("*.parquet"))
+    def _load(self, folder: str, merged: str, required: list[str], what: str) -> pd.DataFrame:
+        """Rows from the per-cell files in `folder`, or from `merged` for a folder without them."""
+        files = sorted((self.root / folder).glob("*.parquet"))
         if not files:
-            path = self.root / "cells.parquet"
+            path = self.root / merged
             if not path.exists():
-                raise GripbenchError(f"{self.root} holds no gripbench results (no cells.parquet)")
-            return _read(path, ["config_hash", *IDENTITY, "accuracy"])
-        return pd.concat([_read(p, ["config_hash", *IDENTITY, "accuracy"]) for p in files], ignore_index=True)
+                raise GripbenchError(f"{self.root} holds no gripbench {what} (no {merged})")
+            return _read(path, required)
+        return pd.concat([_read(p, required) for p in files], ignore_index=True)
+
+    def cells(self) -> pd.DataFrame:
+        """All finished cells."""
+        return self._load(CELLS, "cells.parquet", ["config_hash", *IDENTITY, "accuracy"], "results")
 
     def samples(self) -> pd.DataFrame:
-        files = sorted((self.root / SAMPLES).glob("*.parquet"))
-        if not files:
-            path = self.root / "samples.parquet"
-            if not path.exists():
-                raise GripbenchError(f"{self.root} holds no per-sample results (no samples.parquet)")
-            return _read(path, ["config_hash", "sample_id", "correct"])
-        return pd.concat([_read(p, ["config_hash", "sample_id", "correct"]) for p in files], ignore_index=True)
+        """All per-sample rows."""
+        return self._load(SAMPLES, "samples.parquet", ["config_hash", "sample_id", "correct"], "per-sample results")
 
     def consolidate(self) -> None:
         cells = self.cells().sort_values(["model", "task", "method", "budget"], kind="stable")
