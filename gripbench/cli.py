@@ -12,6 +12,11 @@ from gripbench.errors import GripbenchError
 def _cmd_tasks(args) -> int:
     from gripbench.tasks.suite import TASKS
 
+    if args.lmms_path:
+        from gripbench.lmms.tasks import materialize
+
+        print(materialize())
+        return 0
     for name, desc in TASKS.items():
         print(f"{name:<10} {desc}")
     return 0
@@ -97,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "accuracy, FLOPs and latency for every method x budget x task.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("tasks", help="list the embedded tasks").set_defaults(fn=_cmd_tasks)
+    tasks = sub.add_parser("tasks", help="list the embedded tasks")
+    tasks.add_argument("--lmms-path", action="store_true",
+                       help="write (once) the tasks as lmms-eval YAML + parquet and print the folder for --include_path")
+    tasks.set_defaults(fn=_cmd_tasks)
     sub.add_parser("methods", help="list the registered pruning methods").set_defaults(fn=_cmd_methods)
 
     zoo = sub.add_parser("zoo", help="the embedded tiny LLaVA: print its folder or retrain it")
