@@ -22,6 +22,12 @@ class AttentionScore(PruningMethod):
     def plan(self, info: ModelInfo) -> list[PrunePoint]:
         return [PrunePoint(0, keep_count(self.budget, info.num_visual_tokens))]
 
+    def selection_flops(self, info, text_tokens, arch=None):
+        """The [CLS] row at the feature layer, recomputed from its q/k: k for every token, q for
+        CLS, one score row (2 x MACs)."""
+        t, dv = info.num_visual_tokens + 1, arch.vision_dim
+        return 2.0 * (t * dv * dv + dv * dv + t * dv)
+
     def select(self, ctx, point: PrunePoint) -> Selection:
         scores = ctx.vision_attention().mean(dim=1)
         local = topk_sorted(scores, point.keep)

@@ -43,6 +43,11 @@ class DivPrune(PruningMethod):
     def plan(self, info: ModelInfo) -> list[PrunePoint]:
         return [PrunePoint(0, keep_count(self.budget, info.num_visual_tokens))]
 
+    def selection_flops(self, info, text_tokens, arch=None):
+        """The n x n cosine-similarity matrix (2 x MACs); the greedy loop's min/max are not counted."""
+        n = info.num_visual_tokens
+        return 2.0 * n * n * info.hidden_size
+
     def select(self, ctx, point: PrunePoint) -> Selection:
         local = max_min_select(ctx.visual_features(), point.keep).sort(dim=-1).values
         return Selection(ctx.visual_ids.gather(1, local))

@@ -44,6 +44,17 @@ class FastV(PruningMethod):
         keep = max(1, min(n, keep))
         return [] if keep >= n else [PrunePoint(k_layer, keep)]
 
+    def selection_flops(self, info, text_tokens, arch=None):
+        """The attention rows at layer K-1 from its q/k: k for every token, q for the query rows,
+        one score row per query (2 x MACs)."""
+        points = self.plan(info)
+        if not points:
+            return 0.0
+        t = text_tokens + info.num_visual_tokens
+        q_rows = t if self.params.get("variant", "last") == "all" else 1
+        kv, hq = arch.kv_heads * arch.head_dim, arch.heads * arch.head_dim
+        return 2.0 * (t * arch.dim * kv + q_rows * arch.dim * hq + q_rows * t * hq)
+
     def select(self, ctx, point: PrunePoint) -> Selection:
         b, t = ctx.key_mask.shape
         device = ctx.key_mask.device

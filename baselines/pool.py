@@ -37,6 +37,10 @@ class Pool(PruningMethod):
         self._grid = info.grid[0]
         return [PrunePoint(0, pooled_side(self._grid, self.budget) ** 2)]
 
+    def selection_flops(self, info, text_tokens, arch=None):
+        """Average pooling: one add per input value."""
+        return float(info.num_visual_tokens * info.hidden_size)
+
     def select(self, ctx, point: PrunePoint) -> Selection:
         g, s = self._grid, pooled_side(self._grid, self.budget)
         feats = ctx.visual_features()  # [B, N, D] in grid order

@@ -106,6 +106,23 @@ class SparseVLM(PruningMethod):
     def plan(self, info: ModelInfo) -> list[PrunePoint]:
         return [PrunePoint(layer, count) for layer, count in schedule(self.budget, info.num_visual_tokens, info.num_layers)]
 
+    def selection_flops(self, info, text_tokens, arch=None):
+        """Rater relevance (visual x text embeddings), then at each pruning point the raters'
+        attention rows from that layer's q/k (all text tokens counted as raters: an upper
+        bound) and the recycling distance matrix (2 x MACs)."""
+        n, d = info.num_visual_tokens, info.hidden_size
+        kv, hq = arch.kv_heads * arch.head_dim, arch.heads * arch.head_dim
+        total, present = n * text_tokens * d, n
+        for point in self.plan(info):
+            t = text_tokens + present
+            total += t * d * kv + text_tokens * d * hq + text_tokens * t * hq
+            clusters = recycle_split(point.keep, present) if self.params.get("recycle", True) else 0
+            if clusters:
+                recycled = int((present - point.keep + clusters) * 0.3) + 1
+                total += recycled * recycled * d
+            present = point.keep
+        return 2.0 * total
+
     def _raters(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, R] rater slots in the current sequence, [B, R] validity) from layer-0 embeddings."""
         if "raters" not in ctx._cache:

@@ -35,6 +35,16 @@ class VisionZip(PruningMethod):
     def plan(self, info: ModelInfo) -> list[PrunePoint]:
         return [PrunePoint(0, keep_count(self.budget, info.num_visual_tokens))]
 
+    def selection_flops(self, info, text_tokens, arch=None):
+        """[CLS] row and keys at the feature layer, key similarity of the remaining tokens to the
+        targets, and the projector on the kept tokens (2 x MACs)."""
+        t, dv, n = info.num_visual_tokens + 1, arch.vision_dim, info.num_visual_tokens
+        k = keep_count(self.budget, n)
+        n_ctx = 0 if k <= 1 else k - max(1, round(k * DOMINANT_SHARE))
+        cls_row = t * dv * dv + dv * dv + t * dv
+        merge = n * n_ctx * arch.vision_head_dim + k * (dv * info.hidden_size + info.hidden_size ** 2) if n_ctx else 0
+        return 2.0 * (cls_row + merge)
+
     def select(self, ctx, point: PrunePoint) -> Selection:
         k = point.keep
         n_dom = max(1, round(k * DOMINANT_SHARE)) if k > 1 else 1

@@ -114,17 +114,16 @@ class LlavaAdapter:
         attn = layer.self_attn
         x = layer.layer_norm1(vo.attn_input)
         b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1)
         has_cls = t == self.grid * self.grid + 1
-        if has_cls:
-            row = probs[:, :, 0, 1:]
-            keys = k[:, :, 1:]
-        else:
-            row = probs.mean(dim=2)
-            keys = k
-        if self.strategy != "default" and has_cls:  # 'full' keeps CLS as a visual token
+        k = attn.k_proj(x).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        xq = x[:, :1] if has_cls else x  # only the [CLS] query row is needed when there is one
+        q = attn.q_proj(xq).view(b, xq.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1)
+        if not has_cls:
+            row, keys = probs.mean(dim=2), k
+        elif self.strategy == "default":
+            row, keys = probs[:, :, 0, 1:], k[:, :, 1:]
+        else:  # 'full' keeps CLS as a visual token
             row, keys = probs[:, :, 0, :], k
         vo._attention = (row, keys.mean(dim=1))
         return vo._attention

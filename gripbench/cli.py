@@ -61,6 +61,17 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from gripbench.sweep import run_sweep
+
+    res = run_sweep(model=args.model, methods=args.methods, tasks=args.tasks, budgets=args.budgets, limit=args.limit,
+                    out=args.out, seed=args.seed, executor=args.executor, batch_size=args.batch_size)
+    rate = res.ran / (res.seconds / 60) if res.seconds > 0 else 0.0
+    print(f"{res.ran} cells run, {res.skipped} already finished, in {res.seconds / 60:.1f} min "
+          f"({rate:.1f} cells/min); results in {res.out}")
+    return 0
+
+
 def _cmd_train(args) -> int:
     from dataclasses import replace
     from pathlib import Path
@@ -119,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--eval-every", type=int)
     zoo.add_argument("--seed", type=int)
     zoo.set_defaults(fn=_cmd_zoo)
+
+    sw = sub.add_parser("sweep", help="accuracy, FLOPs and latency for every method x budget x task (resumable)")
+    sw.add_argument("--model", default="embedded", help="embedded, a local checkpoint folder, or a Hugging Face id")
+    sw.add_argument("--methods", default="all")
+    sw.add_argument("--tasks", default="all", help="embedded task names, or lmms-eval task names")
+    sw.add_argument("--budgets", default="1,0.5,0.25,0.125,0.0625")
+    sw.add_argument("--limit", type=int, default=None, help="questions per task (default: all 500 of the test split)")
+    sw.add_argument("--out", help="results folder (default: a new folder under results/); rerun to resume")
+    sw.add_argument("--executor", default="local", choices=["local", "ray"])
+    sw.add_argument("--batch-size", type=int, default=32)
+    sw.add_argument("--seed", type=int, default=0)
+    sw.set_defaults(fn=_cmd_sweep)
 
     tr = sub.add_parser("train", help="train a scorer: warmup (supervised), grip (GRPO), dynamicvit (relaxation)")
     tr.add_argument("what", choices=["warmup", "grip", "dynamicvit"])

@@ -30,6 +30,7 @@ class Arch:
     vision_dim: int
     vision_mlp: int
     vision_layers: int
+    vision_head_dim: int
     num_patches: int
     vision_cls: bool
     dim: int
@@ -45,7 +46,8 @@ class Arch:
         v, t = config.vision_config, config.text_config
         head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
         return Arch(patch=v.patch_size, vision_dim=v.hidden_size, vision_mlp=v.intermediate_size,
-                    vision_layers=v.num_hidden_layers, num_patches=(v.image_size // v.patch_size) ** 2,
+                    vision_layers=v.num_hidden_layers, vision_head_dim=v.hidden_size // v.num_attention_heads,
+                    num_patches=(v.image_size // v.patch_size) ** 2,
                     vision_cls="clip" in v.model_type, dim=t.hidden_size, mlp=t.intermediate_size,
                     heads=t.num_attention_heads, kv_heads=t.num_key_value_heads, head_dim=head_dim,
                     layers=t.num_hidden_layers, vocab=t.vocab_size)

@@ -95,6 +95,11 @@ class PruningMethod:
     def select(self, ctx: PruneContext, point: PrunePoint) -> Selection:
         raise NotImplementedError
 
+    def selection_flops(self, info: ModelInfo, text_tokens: int, arch=None) -> float:
+        """FLOPs of the method's own work per sample (scoring, merging), charged to it in
+        results. Default: nothing beyond the model's forward."""
+        return 0.0
+
     def describe_params(self) -> dict[str, Any]:
         """The knobs that identify this configuration in results (JSON-serialisable)."""
         return dict(self.params)

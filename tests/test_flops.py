@@ -46,3 +46,23 @@ def test_prefill_with_tokens_present(engine, samples, drop):
         engine.adapter.logits(st.hidden[:, -1:])
     text = batch["input_ids"].shape[1] - engine.info.num_visual_tokens
     assert fc.get_total_flops() == 2 * prefill_macs(arch, [text + v for v in per_layer])
+
+
+@pytest.mark.parametrize("name", ["none", "visionzip", "fastv", "sparsevlm"])
+def test_whole_generation_within_2_percent(embedded, samples, name):
+    """Analytic FLOPs of a whole generation (vision, the method's own selection work, prefill with
+    the tokens present at each layer, decode) vs a measured count of everything that ran."""
+    from gripbench.flops import cell_flops
+    from gripbench.methods import create_method
+
+    engine = Engine(*embedded)
+    arch = Arch.from_config(engine.model.config)
+    method = create_method(name, budget=0.25)
+    batch = engine.prepare([samples[2].image], [samples[2].question])
+    with FlopCounterMode(display=False) as fc:
+        gen = engine.generate(batch, method, max_new_tokens=3)
+    text = batch["input_ids"].shape[1] - engine.info.num_visual_tokens
+    new = int((gen.tokens[0] != engine.pad_id).sum())
+    analytic = cell_flops(arch, text, gen.visual_per_layer, new, method.selection_flops(engine.info, text, arch))
+    measured = fc.get_total_flops()
+    assert abs(analytic["flops_total"] - measured) / measured < 0.02, (analytic["flops_total"], measured)

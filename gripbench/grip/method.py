@@ -62,6 +62,9 @@ class ScorerMethod(PruningMethod):
                                  f"train one for this model with `gripbench train {self.weights} --model ...`")
         return scorer
 
+    def selection_flops(self, info: ModelInfo, text_tokens: int, arch=None) -> float:
+        return float(BudgetAwareScorer(info.hidden_size).flops(info.num_visual_tokens, text_tokens))
+
     def logits(self, ctx) -> torch.Tensor:
         feats = ctx.visual_features()
         scorer = self.scorer(feats.shape[-1]).to(feats.device)

@@ -42,6 +42,7 @@ class GripbenchLMM(lmms):
         self.method = create_method(method, budget=float(budget), seed=int(seed), **method_params)
         self.batch_size_per_gpu = int(batch_size)
         self.records: list[dict] = []
+        self._vision: dict = {}  # (task, split, doc_id) -> VisionOutput row, reused across methods and budgets
 
     def set_method(self, method) -> None:
         self.method = method
@@ -55,10 +56,12 @@ class GripbenchLMM(lmms):
             docs = [self.task_dict[t][s][d] for t, s, d in zip(tasks, splits, doc_ids)]
             images = [to_visual[i](doc)[0] for i, doc in enumerate(docs)]
             batch = self.engine.prepare(images, list(contexts))
+            vision = self._vision_for(list(zip(tasks, splits, doc_ids)), batch["pixel_values"])
             kwargs = dict(gen_kwargs[0])
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            gen = self.engine.generate(batch, self.method, max_new_tokens=int(kwargs.get("max_new_tokens", 16)))
+            gen = self.engine.generate(batch, self.method, max_new_tokens=int(kwargs.get("max_new_tokens", 16)),
+                                       vision=vision)
             prompt_len = batch["attention_mask"].sum(1).tolist()
             for i, text in enumerate(gen.texts):
                 n_out = int((gen.tokens[i] != self.engine.pad_id).sum())
@@ -68,6 +71,17 @@ class GripbenchLMM(lmms):
                                      "tokens_kv": gen.tokens_kv[i], "prompt_tokens": prompt_len[i],
                                      "new_tokens": n_out, "visual_per_layer": gen.visual_per_layer})
         return out
+
+    def _vision_for(self, keys: list[tuple], pixel_values):
+        """Vision outputs for these docs, computed once per image for the whole sweep."""
+        from gripbench.adapters import VisionOutput
+
+        missing = [i for i, k in enumerate(keys) if k not in self._vision]
+        if missing:
+            fresh = self.engine.vision(pixel_values[missing])
+            for j, i in enumerate(missing):
+                self._vision[keys[i]] = fresh.select_rows([j])
+        return VisionOutput.cat([self._vision[k] for k in keys])
 
     def generate_until_multi_round(self, requests):
         return self.generate_until(requests)

@@ -1,0 +1,258 @@
+"""The sweep: every method x budget x task through lmms-eval, into a store that never loses a cell.
+
+One cell = (model, task, method, method params, budget, limit, seed). For each cell:
+1. accuracy: lmms-eval's `simple_evaluate` with the `gripbench` model plugin (one model
+   instance for the whole sweep; vision features cached per image and reused by every
+   method and budget), per-sample correctness and a bootstrap 95% CI;
+2. tokens: the three counts of design.md, kept indices per sample, evidence recall;
+3. FLOPs: analytic (gripbench/flops.py) with the tokens actually present at each layer,
+   plus the method's own selection FLOPs;
+4. latency: the protocol of design.md on a fixed batch (warm-up excluded, repeated timed
+   runs, medians and p10/p90 of end to end; vision, selection, prefill, decode timed apart);
+5. the cell is written to the store at once (atomic), so a killed sweep resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import gripbench
+from gripbench.errors import GripbenchError, check_budget, unknown
+from gripbench.flops import Arch, cell_flops
+from gripbench.methods import create_method, registry
+
+DEFAULT_BUDGETS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+LATENCY_BATCH, LATENCY_WARMUP, LATENCY_REPEATS = 8, 2, 5
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    task: str
+    method: str
+    budget: float
+    limit: int | None
+    seed: int
+    method_params: str = "{}"
+
+    @property
+    def config_hash(self) -> str:
+        ident = json.dumps({**asdict(self), "code": gripbench.__version__}, sort_keys=True)
+        return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def resolve_tasks(tasks: str) -> list[str]:
+    """Embedded short names (or 'all') -> lmms-eval task names; other names pass through."""
+    from gripbench.lmms.tasks import task_name
+    from gripbench.tasks.suite import TASKS
+
+    names = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+    return [task_name(t) if t in TASKS else t for t in names]
+
+
+def plan(model: str, methods: str, tasks: str, budgets: str | list[float], limit: int | None, seed: int) -> list[Cell]:
+    names = registry().names() if methods == "all" else [m.strip() for m in methods.split(",")]
+    known = registry().names()
+    for m in names:
+        if m not in known:
+            raise unknown("method", m, known)
+    bs = [check_budget(float(b)) for b in (budgets.split(",") if isinstance(budgets, str) else budgets)]
+    cells = []
+    for task in resolve_tasks(tasks):
+        for m in names:
+            for b in ([1.0] if m == "none" else bs):  # `none` keeps everything at any budget
+                cells.append(Cell(model, task, m, b, limit, seed))
+    return cells
+
+
+def bootstrap_ci(correct: np.ndarray, seed: int, n: int = 1000) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean of 0/1 outcomes."""
+    rng = np.random.default_rng(seed)
+    means = correct[rng.integers(0, len(correct), size=(n, len(correct)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def environment(engine) -> dict:
+    import lmms_eval
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(gripbench.__file__).parent, timeout=5).stdout.strip() or None
+    except Exception:
+        commit = None
+    cfg = engine.model.config
+    return {"device": str(engine.device) + ("" if engine.device.type != "cpu" else f" ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"),
+            "dtype": str(next(engine.model.parameters()).dtype).replace("torch.", ""),
+            "attn_implementation": str(cfg.text_config._attn_implementation),
+            "torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "lmms_eval_version": getattr(lmms_eval, "__version__", "0.7.3"), "gripbench_version": gripbench.__version__,
+            "git_commit": commit}
+
+
+class Runner:
+    """Runs cells on one loaded model; reusable across cells (one engine, one plugin instance)."""
+
+    def __init__(self, model: str, batch_size: int = 32):
+        from lmms_eval.tasks import TaskManager
+
+        from gripbench.engine import Engine
+        from gripbench.lmms.model import GripbenchLMM
+        from gripbench.lmms.tasks import materialize
+        from gripbench.zoo import load
+
+        self.model_name = model
+        self.engine = Engine(*load(model))
+        self.lm = GripbenchLMM(engine=self.engine, batch_size=batch_size)
+        self.batch_size = batch_size
+        self.include_path = str(materialize())
+        self.tm = TaskManager(include_path=self.include_path, include_defaults=False)
+        self._full_tm = None
+        self.arch = Arch.from_config(self.engine.model.config)
+        self.env = environment(self.engine)
+
+    def task_manager(self, task: str):
+        if task in self.tm.all_tasks:
+            return self.tm
+        from lmms_eval.tasks import TaskManager
+
+        if self._full_tm is None:  # indexing lmms-eval's ~2,000 stock tasks costs seconds: only when needed
+            self._full_tm = TaskManager(include_path=self.include_path)
+        if task not in self._full_tm.all_tasks:
+            raise unknown("task", task, sorted(self.tm.all_tasks) + ["(any lmms-eval task)"])
+        return self._full_tm
+
+    def run(self, cell: Cell) -> tuple[dict, pd.DataFrame]:
+        from lmms_eval.evaluator import simple_evaluate
+
+        method = create_method(cell.method, budget=cell.budget, seed=cell.seed, **json.loads(cell.method_params))
+        self.lm.set_method(method)
+        out = simple_evaluate(model=self.lm, tasks=[cell.task], limit=cell.limit, task_manager=self.task_manager(cell.task),
+                              log_samples=True, batch_size=self.batch_size, random_seed=cell.seed,
+                              numpy_random_seed=cell.seed, torch_random_seed=cell.seed)
+        logged = out["samples"][cell.task]
+        records = {r["doc_id"]: r for r in self.lm.records}
+        rows = []
+        for s in logged:
+            rec, doc = records[s["doc_id"]], s["doc"]  # the logged doc has every field but the image
+            correct = bool(s.get("exact_match", 0.0) >= 1.0)
+            evidence = list(doc.get("evidence") or [])
+            recall = len(set(evidence) & set(rec["kept_indices"])) / len(evidence) if evidence else np.nan
+            pred = s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"]
+            rows.append({"sample_id": str(doc.get("sample_id", s["doc_id"])), "correct": correct,
+                         "prediction": str(pred), "target": str(s.get("target", "")),
+                         "kept_indices": [int(i) for i in rec["kept_indices"]], "evidence_recall": recall,
+                         "tokens_llm_input": rec["tokens_llm_input"], "tokens_layer_avg": rec["tokens_layer_avg"],
+                         "tokens_kv": rec["tokens_kv"], "prompt_tokens": rec["prompt_tokens"], "new_tokens": rec["new_tokens"]})
+        samples = pd.DataFrame(rows)
+        correct = samples["correct"].to_numpy(dtype=float)
+        lo, hi = bootstrap_ci(correct, cell.seed)
+        text_tokens = float(samples["prompt_tokens"].mean()) - self.engine.info.num_visual_tokens
+        per_layer = self.lm.records[0]["visual_per_layer"]
+        new = max(1, round(samples["new_tokens"].mean()))
+        flops = cell_flops(self.arch, round(text_tokens), per_layer, new,
+                           method.selection_flops(self.engine.info, round(text_tokens), self.arch))
+        kv_tokens = [text_tokens + v + new for v in per_layer]
+        bytes_per = torch.finfo(next(self.engine.model.parameters()).dtype).bits // 8
+        kv_bytes = sum(2 * t * self.arch.kv_heads * self.arch.head_dim * bytes_per for t in kv_tokens)
+        row = {**asdict(cell), "config_hash": cell.config_hash, "n_samples": len(samples),
+               "accuracy": float(correct.mean()), "accuracy_ci_low": lo, "accuracy_ci_high": hi,
+               "tokens_llm_input": float(samples["tokens_llm_input"].mean()),
+               "tokens_layer_avg": float(samples["tokens_layer_avg"].mean()), "tokens_kv": float(samples["tokens_kv"].mean()),
+               "evidence_recall": float(samples["evidence_recall"].mean()) if samples["evidence_recall"].notna().any() else np.nan,
+               **flops, **self.latency(cell, method, logged), "kv_cache_bytes": float(kv_bytes),
+               "batch_size": self.batch_size, **self.env, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return row, samples.drop(columns=["prompt_tokens", "new_tokens", "tokens_llm_input", "tokens_layer_avg", "tokens_kv"])
+
+    def latency(self, cell: Cell, method, logged: list[dict]) -> dict:
+        """Warm-up excluded; repeated timed runs on a fixed batch; medians (and p10/p90 end to end)."""
+        from gripbench.lmms.task_utils import doc_to_text, doc_to_visual
+
+        split = next(iter(self.lm.task_dict[cell.task]))
+        data = self.lm.task_dict[cell.task][split]
+        docs = [data[s["doc_id"]] for s in logged[:LATENCY_BATCH]]  # logged docs lack their images
+        e = self.engine
+        batch = e.prepare([doc_to_visual(d)[0] for d in docs], [doc_to_text(d) for d in docs])
+        cuda = e.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        runs = []
+        for rep in range(LATENCY_WARMUP + LATENCY_REPEATS):
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                vision = e.vision(batch["pixel_values"])
+            sync()
+            t1 = time.perf_counter()
+            gen = e.generate(batch, method, max_new_tokens=3, vision=vision)
+            sync()
+            t2 = time.perf_counter()
+            if rep >= LATENCY_WARMUP:
+                steps = max(1, gen.timings["decode_steps"])
+                runs.append({"vision": t1 - t0, "scorer": gen.timings.get("scorer", 0.0), "prefill": gen.timings["prefill"],
+                             "decode": gen.timings["decode"] / steps, "e2e": t2 - t0})
+        med = {k: statistics.median(r[k] for r in runs) * 1e3 for k in runs[0]}
+        e2e = sorted(r["e2e"] * 1e3 for r in runs)
+        peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"latency_vision_ms": med["vision"], "latency_scorer_ms": med["scorer"], "latency_prefill_ms": med["prefill"],
+                "latency_decode_ms_per_token": med["decode"], "latency_e2e_ms": med["e2e"],
+                "latency_e2e_p10_ms": float(np.percentile(e2e, 10)), "latency_e2e_p90_ms": float(np.percentile(e2e, 90)),
+                "latency_batch_size": len(docs), "peak_memory_bytes": float(peak)}
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    ran: int
+    skipped: int
+    seconds: float
+    cells: list[Cell] = field(default_factory=list)
+
+
+def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all", budgets=DEFAULT_BUDGETS,
+              limit: int | None = None, out: str | Path | None = None, seed: int = 0, executor: str = "local",
+              batch_size: int = 32, progress: bool = True) -> SweepResult:
+    """Plan, skip finished cells, run the rest, write each at once. Resumable."""
+    from tqdm import tqdm
+
+    from gripbench.store import ResultsStore
+
+    if limit is not None and limit < 1:
+        raise GripbenchError("--limit must be at least 1")
+    cells = plan(model, methods, tasks, budgets, limit, seed)
+    out = Path(out or Path("results") / time.strftime("sweep-%Y%m%d-%H%M%S"))
+    store = ResultsStore(out).create()
+    done = store.finished()
+    todo = [c for c in cells if c.config_hash not in done]
+    store.write_manifest({"command": " ".join(os.sys.argv), "model": model, "methods": methods, "tasks": tasks,
+                          "budgets": list(map(float, budgets.split(",") if isinstance(budgets, str) else budgets)),
+                          "limit": limit, "seed": seed, "executor": executor, "cells": len(cells),
+                          "gripbench_version": gripbench.__version__})
+    start = time.perf_counter()
+    if todo:
+        if executor == "ray":
+            from gripbench.executors import run_ray
+
+            run_ray(todo, out, batch_size)
+        elif executor == "local":
+            runner = Runner(model, batch_size)
+            for cell in tqdm(todo, desc="cells", unit="cell", disable=not progress):
+                row, samples = runner.run(cell)
+                store.add(row, samples)
+        else:
+            raise GripbenchError(f"unknown executor {executor!r} (local or ray)")
+    return SweepResult(out, len(todo), len(cells) - len(todo), time.perf_counter() - start, cells)
