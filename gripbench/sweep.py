@@ -78,6 +78,23 @@ def plan(model: str, methods: str, tasks: str, budgets: str | list[float], limit
     return cells
 
 
+def check_tasks(tasks: list[str]) -> None:
+    """Embedded tasks are always known; other names must be lmms-eval tasks (indexed only then)."""
+    from gripbench.lmms.tasks import PREFIX
+
+    others = [t for t in tasks if not t.startswith(PREFIX)]
+    if not others:
+        return
+    from lmms_eval.tasks import TaskManager
+
+    from gripbench.tasks.suite import TASKS
+
+    known = set(TaskManager().all_tasks)
+    for t in others:
+        if t not in known:
+            raise unknown("task", t, list(TASKS) + sorted(known))
+
+
 def bootstrap_ci(correct: np.ndarray, seed: int, n: int = 1000) -> tuple[float, float]:
     """Percentile bootstrap 95% interval of the mean of 0/1 outcomes."""
     rng = np.random.default_rng(seed)
@@ -234,8 +251,11 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
     if limit is not None and limit < 1:
         raise GripbenchError("--limit must be at least 1")
     cells = plan(model, methods, tasks, budgets, limit, seed)
+    check_tasks(sorted({c.task for c in cells}))
     out = Path(out or Path("results") / time.strftime("sweep-%Y%m%d-%H%M%S"))
     store = ResultsStore(out).create()
+    if store.finished():
+        store.cells(), store.samples()  # a corrupt or foreign file stops the sweep here, naming it
     done = store.finished()
     todo = [c for c in cells if c.config_hash not in done]
     store.write_manifest({"command": " ".join(os.sys.argv), "model": model, "methods": methods, "tasks": tasks,
