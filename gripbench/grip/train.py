@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from gripbench.engine import Engine
-from gripbench.grip.method import load_scorer, save_scorer
+from gripbench.grip.method import save_scorer
 from gripbench.grip.policy import group_advantages, grpo_loss, gumbel_top_k, plackett_luce_log_prob
 from gripbench.grip.scorer import BudgetAwareScorer
-from gripbench.methods import PrunePoint, PruningMethod, Selection, keep_count, topk_sorted
+from gripbench.methods import PrunePoint, PruningMethod, Selection, keep_count
 from gripbench.tasks.suite import TASKS, load_split, make_sample
 
 
@@ -292,10 +292,3 @@ def train_dynamicvit(engine: Engine, cfg: ScorerTrainConfig, out: Path, log=prin
             tr.record(f, rec, cfg.dynamicvit_steps, scorer)
     save_scorer(scorer, tr.out / "dynamicvit.safetensors", {"method": "dynamicvit", "config": asdict(cfg)})
     return scorer
-
-
-def reference_from(path: str | Path) -> BudgetAwareScorer:
-    return load_scorer(str(path))
-
-
-__all__ = ["ScorerTrainConfig", "train_warmup", "train_grpo", "train_dynamicvit", "topk_sorted"]
