@@ -265,10 +265,8 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
     start = time.perf_counter()
     if todo:
         if executor == "ray":
-            from gripbench.executors import run_ray
-
-            run_ray(todo, out, batch_size)
-        elif executor == "local":
+            raise GripbenchError("--executor ray is not available yet in this version; use --executor local")
+        if executor == "local":
             runner = Runner(model, batch_size)
             for cell in tqdm(todo, desc="cells", unit="cell", disable=not progress):
                 row, samples = runner.run(cell)
