@@ -12,7 +12,8 @@ def run(*args):
 
 def test_help():
     r = run("--help")
-    assert r.returncode == 0 and "sweep" in r.stdout or "tasks" in r.stdout
+    assert r.returncode == 0
+    assert all(cmd in r.stdout for cmd in ("sweep", "tasks", "methods", "zoo", "train", "eval"))
 
 
 def test_tasks_lists_five_tasks():

@@ -103,12 +103,13 @@ def test_golden_kept_indices(embedded, samples, update_golden):
     batch = engine.prepare([s.image for s in samples[:4]], [s.question for s in samples[:4]])
     got = {name: engine.generate(batch, registry().create(name, budget=0.125, seed=0), max_new_tokens=1).kept_indices
            for name in METHODS}
-    if update_golden or not GOLDEN.exists():
+    if update_golden:
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(got, indent=1))
-        if update_golden:
-            pytest.skip("golden snapshots rewritten")
+        pytest.skip("golden snapshots rewritten")
+    if not GOLDEN.exists():
+        pytest.fail(f"{GOLDEN} is missing; create it with --update-golden")
     want = json.loads(GOLDEN.read_text())
+    assert set(want) == set(METHODS), "a method was added or removed: regenerate with --update-golden"
     for name in METHODS:
-        if name in want:
-            assert got[name] == want[name], f"{name} keeps different tokens than its golden snapshot"
+        assert got[name] == want[name], f"{name} keeps different tokens than its golden snapshot"
