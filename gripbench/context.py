@@ -99,9 +99,8 @@ class PruneContext:
         xq = torch.gather(x, 1, queries[..., None].expand(-1, -1, x.shape[-1]))
         q = attn.q_proj(xq).view(b, queries.shape[1], -1, hd).transpose(1, 2)
         k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)
-        cos, sin = self.adapter.rotary(x, self.positions)
-        qpos = torch.gather(self.positions, -1, queries)
-        qcos, qsin = self.adapter.rotary(x, qpos)
+        cos, sin = self.adapter.rotary(x, self.positions)  # [B, T, hd]: the queries' rows are gathered from it
+        qcos, qsin = (torch.gather(c, 1, queries[..., None].expand(-1, -1, c.shape[-1])) for c in (cos, sin))
         q = q * qcos[:, None] + _rotate_half(q) * qsin[:, None]
         k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)

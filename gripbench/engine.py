@@ -153,9 +153,11 @@ class Engine:
     def context(self, batch: dict, vision: VisionOutput | None = None) -> PruneContext:
         """The layer-0 context of a batch (what a pre-LLM method sees), e.g. to train a scorer."""
         vision = self.vision(batch["pixel_values"]) if vision is None else vision
-        st = self._initial_state(batch, vision)
-        return PruneContext(self.adapter, self.info, 0, st.hidden, st.positions, st.key_mask, st.visual_slots,
-                            st.visual_ids, st.input_ids, vision, None, [])
+        return self._context(self._initial_state(batch, vision), 0, vision, None, [])
+
+    def _context(self, st: _State, layer: int, vision: VisionOutput, prev_hidden, seeds: list[int]) -> PruneContext:
+        return PruneContext(self.adapter, self.info, layer, st.hidden, st.positions, st.key_mask, st.visual_slots,
+                            st.visual_ids, st.input_ids, vision, prev_hidden, seeds)
 
     def prefill(self, batch: dict, method: PruningMethod | None, vision: VisionOutput | None = None,
                 timings: dict | None = None, key_bias: torch.Tensor | None = None):
@@ -178,8 +180,7 @@ class Engine:
         for layer_idx, layer in enumerate(self.adapter.layers):
             if layer_idx in points:
                 t0 = time.perf_counter()
-                ctx = PruneContext(self.adapter, self.info, layer_idx, st.hidden, st.positions, st.key_mask,
-                                   st.visual_slots, st.visual_ids, st.input_ids, vision, prev_hidden, seeds)
+                ctx = self._context(st, layer_idx, vision, prev_hidden, seeds)
                 st = self._apply(st, method.select(ctx, points[layer_idx]))
                 scorer_s += time.perf_counter() - t0
             visual_per_layer.append(st.visual_ids.shape[1])

@@ -1,16 +1,21 @@
 """Train the embedded tiny LLaVA from scratch on the procedural task suite (CPU, minutes).
 
-Objective. Cross-entropy on the answer tokens (the answer word and `</s>`), the same
-loss as LLaVA's visual instruction tuning, plus a *dense auxiliary loss* during
-training only: three linear heads read each visual token at the projector output and
-predict the colour, shape and character of the item covering that patch. The heads
-are thrown away; the shipped checkpoint is the plain `LlavaForConditionalGeneration`.
+Objective. Cross-entropy on the answer tokens (each answer word and its `</s>`), the loss
+of LLaVA's visual instruction tuning, on multi-turn conversations: the sampled question
+plus `extra_turns` more questions about the same scene (as in LLaVA's instruction data),
+so each image pass supervises several answers. During training only, per-patch heads read
+every visual token at the projector output: colour, shape and character of the item
+covering the patch (with `grounded_aux`, cosine logits against the LLM's own word
+embeddings of "red", "circle", ...), its row and column, and whether it holds an item's
+centre. The heads are thrown away; the shipped checkpoint is the plain
+`LlavaForConditionalGeneration`. A curriculum grows scenes from 2 to 6 shapes and the
+background clutter from 25% to full over the first `curriculum` share of the steps.
 
-Why the auxiliary loss: (1) a 6 M-parameter CLIP learns shapes and glyphs from an
-answer-only signal far too slowly for a 2-core CPU budget; (2) it keeps visual tokens
-*local* (each one describes its own patch), like the patch features of a CLIP trained at
-scale, so that which tokens survive pruning decides what the LLM can still see. It
-says nothing about which tokens to keep, so it favours no pruning method.
+Why the auxiliary heads: (1) a small CLIP learns shapes and glyphs from an answer-only
+signal far too slowly for a 2-core CPU budget; (2) they keep visual tokens *local* (each
+describes its own patch), like the patch features of a CLIP trained at scale, so that
+which tokens survive pruning decides what the LLM can still see. They say nothing about
+which tokens to keep, so they favour no pruning method.
 
 Determinism: model init and batch composition are pure functions of the seed; the
 training sample at global position i is `make_sample(task, "train", i, base_seed=seed)`,
@@ -122,7 +127,8 @@ class AuxHeads(torch.nn.Module):
     logits): a triangle patch is pulled toward the embedding of the word "triangle". This
     is what LLaVA's stage-1 alignment gives a pretrained LLM for free, a visual token in
     the LLM's word space, and it lets a question word find its patches by similarity.
-    Only the "background" vector of each head is a free parameter."""
+    Free parameters: a "background" vector and a logit scale per head, and the linear
+    row / column / centre heads."""
 
     def __init__(self, dim: int, embeddings: torch.nn.Embedding | None = None, tokenizer=None, grid: int = 12):
         super().__init__()
