@@ -108,6 +108,30 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from gripbench.report import write_report
+
+    print(f"report written to {write_report(args.results, args.output, budget=args.budget)}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from gripbench.check import Tolerances, compare, failed, load_config, parse_tolerance, render
+
+    tol = load_config(args.config) if args.config else Tolerances()
+    cli = ",".join(f"{k}:{v}" for k, v in (("acc", args.acc_tol), ("latency_ratio", args.latency_tol),
+                                            ("alpha", args.alpha)) if v is not None)
+    tol = parse_tolerance(",".join(filter(None, [cli, args.tolerance or ""])), tol)
+    if args.fail_on_missing:
+        tol = Tolerances(tol.acc, tol.latency_ratio, tol.alpha, True)
+    findings = compare(args.results, args.reference, tol)
+    print(render(findings))
+    bad = failed(findings, tol)
+    print(f"check {'FAILED' if bad else 'passed'} (acc tolerance -{tol.acc:g} with McNemar p < {tol.alpha:g}, "
+          f"FLOPs exact, latency ratio +{tol.latency_ratio:.0%})")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gripbench", description="Benchmark visual-token pruning methods for VLMs: "
                                 "accuracy, FLOPs and latency for every method x budget x task.")
@@ -142,6 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--batch-size", type=int, default=32)
     sw.add_argument("--seed", type=int, default=0)
     sw.set_defaults(fn=_cmd_sweep)
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report of a results folder")
+    rp.add_argument("results", help="results folder of a sweep")
+    rp.add_argument("-o", "--output", help="HTML file to write (default reports/<folder name>.html)")
+    rp.add_argument("--budget", type=float, default=0.25, help="budget shown in the gallery, latency and significance")
+    rp.set_defaults(fn=_cmd_report)
+
+    ck = sub.add_parser("check", help="regression gates: compare a results folder with a reference (exit 1 on regression)")
+    ck.add_argument("results")
+    ck.add_argument("--reference", required=True)
+    ck.add_argument("--acc-tol", help="largest accuracy drop that is not a regression, e.g. -0.02 (default 0.02)")
+    ck.add_argument("--latency-tol", help="largest growth of the latency ratio to none, e.g. +10%% (default 25%%)")
+    ck.add_argument("--alpha", help="significance level of the paired McNemar test (default 0.05)")
+    ck.add_argument("--tolerance", help="all at once, e.g. acc:-0.02,latency_ratio:+10%%")
+    ck.add_argument("--config", help="TOML file with a [check] table of tolerances (the command line wins)")
+    ck.add_argument("--fail-on-missing", action="store_true", help="a reference cell missing from the results fails")
+    ck.set_defaults(fn=_cmd_check)
 
     tr = sub.add_parser("train", help="train a scorer: warmup (supervised), grip (GRPO), dynamicvit (relaxation)")
     tr.add_argument("what", choices=["warmup", "grip", "dynamicvit"])

@@ -224,9 +224,9 @@ def make_sample(task: str, split: str, index: int, cfg: SceneConfig = SceneConfi
     raise RuntimeError(f"could not generate {task}/{split}/{index}")
 
 
-def extra_questions(sample: Sample, n: int, seed: int) -> list[tuple[str, str]]:
-    """Up to n more (question, answer) pairs about the same scene, from the other task
-    families, for multi-turn training conversations (as in LLaVA's instruction data)."""
+def extra_questions(sample: Sample, n: int, seed: int) -> list[tuple[str, str, list[int]]]:
+    """Up to n more (question, answer, evidence) triples about the same scene, from the other
+    task families, for multi-turn training conversations (as in LLaVA's instruction data)."""
     rng = np.random.default_rng(_seed(seed, "extra", sample.id))
     scene, out = sample.scene, []
     families = [t for t in TASKS if t != sample.task]
@@ -238,7 +238,7 @@ def extra_questions(sample: Sample, n: int, seed: int) -> list[tuple[str, str]]:
         else:
             made = _MAKERS[str(task)](rng, scene)
         if made is not None:
-            out.append((made[0], made[1]))
+            out.append((made[0], made[1], scene.evidence(made[2])))
     return out
 
 

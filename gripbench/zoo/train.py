@@ -53,6 +53,8 @@ class TrainConfig:
     init_range: float = 0.02
     extra_turns: int = 4  # more questions about the same scene per training conversation
     grounded_aux: bool = True  # aux class vectors = the LLM's word embeddings (see AuxHeads)
+    attn_weight: float = 0.0  # weight of the evidence-attention loss (see evidence_attention_loss)
+    attn_layer: int = -3  # LLM layer whose attention is grounded (negative = from the top)
     seed: int = 0
 
     def clutter(self, step: int) -> float:
@@ -87,14 +89,14 @@ def patch_labels(sample: Sample) -> torch.Tensor:
 
 
 def encode(processor, samples: list[Sample], with_answers: bool,
-           extra: list[list[tuple[str, str]]] | None = None) -> dict[str, torch.Tensor]:
+           extra: list[list[tuple[str, str, list[int]]]] | None = None) -> dict[str, torch.Tensor]:
     """Processor inputs. With answers: right-padded, the conversation continued with the
     `extra` (question, answer) turns, labels on every answer and its `</s>` only."""
     texts = []
     for i, s in enumerate(samples):
         text = prompt_text(s.question)
         if with_answers:
-            text += f" {s.answer}</s>" + "".join(f"USER: {q} ASSISTANT: {a}</s>" for q, a in (extra[i] if extra else []))
+            text += f" {s.answer}</s>" + "".join(f"USER: {q} ASSISTANT: {a}</s>" for q, a, _ in (extra[i] if extra else []))
         texts.append(text)
     batch = processor(text=texts, images=[s.image for s in samples], padding=True, return_tensors="pt",
                       padding_side="right" if with_answers else "left")
@@ -161,14 +163,44 @@ class AuxHeads(torch.nn.Module):
         return (what + where) / 6
 
 
-def training_step(model, heads: AuxHeads, batch: dict, aux: torch.Tensor, aux_weight: float):
-    out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
+def answer_positions(labels: torch.Tensor) -> list[list[int]]:
+    """Per row, the positions whose next token is the first word of an answer, in turn order."""
+    prev = torch.cat([torch.full_like(labels[:, :1], -100), labels[:, :-1]], dim=1)
+    starts = (labels != -100) & (prev == -100)
+    return [(torch.nonzero(row).flatten() - 1).tolist() for row in starts]
+
+
+def evidence_attention_loss(attn: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                            positions: list[list[int]], evidence: list[list[list[int]]]) -> torch.Tensor:
+    """-log of the head-averaged attention mass that each answer position puts on its
+    question's evidence patches, at one LLM layer. attn: [B, H, T, T] probabilities."""
+    losses = []
+    for b, (rows, evs) in enumerate(zip(positions, evidence)):
+        image = torch.nonzero(input_ids[b] == image_token_id).flatten()
+        for p, ev in zip(rows, evs):
+            if ev:
+                mass = attn[b, :, p, image[torch.tensor(ev)]].sum(-1).mean()
+                losses.append(-torch.log(mass + 1e-6))
+    return torch.stack(losses).mean() if losses else attn.new_zeros(())
+
+
+def training_step(model, heads: AuxHeads, batch: dict, aux: torch.Tensor, aux_weight: float,
+                  evidence: list[list[list[int]]] | None = None, attn_weight: float = 0.0, attn_layer: int = -3):
+    grounded = attn_weight > 0 and evidence is not None
+    out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                output_attentions=grounded)
     logits = out.logits[:, :-1].float()
     target = batch["labels"][:, 1:]
     answer_loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
     feats = out.image_hidden_states.view(aux.shape[0], -1, out.image_hidden_states.shape[-1])
     aux_loss = heads.loss(feats, aux)
-    return answer_loss + aux_weight * aux_loss, answer_loss.detach(), aux_loss.detach()
+    loss = answer_loss + aux_weight * aux_loss
+    attn_loss = torch.zeros(())
+    if grounded:
+        attn_loss = evidence_attention_loss(out.attentions[attn_layer], batch["input_ids"], model.config.image_token_id,
+                                            answer_positions(batch["labels"]), evidence)
+        loss = loss + attn_weight * attn_loss
+    return loss, answer_loss.detach(), aux_loss.detach(), attn_loss.detach()
 
 
 @torch.no_grad()
@@ -192,7 +224,9 @@ def save_checkpoint(model, processor, out_dir: Path) -> None:
     """fp16 safetensors + processor files, written from a copy so training continues in fp32."""
     import copy
 
-    copy.deepcopy(model).half().save_pretrained(out_dir)
+    shipped = copy.deepcopy(model).half()
+    shipped.set_attn_implementation("sdpa")  # training may have switched the LLM to eager
+    shipped.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
 
 
@@ -201,6 +235,8 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
     torch.manual_seed(cfg.seed)
     processor = build_processor()
     model = build_model(processor.tokenizer, seed=cfg.seed, init_range=cfg.init_range)
+    if cfg.attn_weight > 0:  # SDPA returns no attention probabilities (pitfalls.md)
+        model.set_attn_implementation({"vision_config": "sdpa", "text_config": "eager"})
     emb = model.model.language_model.embed_tokens
     heads = AuxHeads(model.config.text_config.hidden_size, emb if cfg.grounded_aux else None, processor.tokenizer)
     params = list(model.parameters()) + [p for n, p in heads.named_parameters() if not n.startswith("embeddings.")]
@@ -220,21 +256,22 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
         extra = [extra_questions(s, cfg.extra_turns, cfg.seed) for s in samples] if cfg.extra_turns else None
         batch = encode(processor, samples, with_answers=True, extra=extra)
         aux = torch.stack([patch_labels(s) for s in samples])
-        loss, ans, auxl = training_step(model, heads, batch, aux, cfg.aux_weight)
+        evidence = [[s.evidence] + [e for _, _, e in (extra[i] if extra else [])] for i, s in enumerate(samples)]
+        loss, ans, auxl, attl = training_step(model, heads, batch, aux, cfg.aux_weight, evidence, cfg.attn_weight, cfg.attn_layer)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         record = {"step": step + 1, "loss": round(loss.item(), 4), "answer_loss": round(ans.item(), 4),
-                  "aux_loss": round(auxl.item(), 4), "elapsed_s": round(time.perf_counter() - start, 1)}
+                  "aux_loss": round(auxl.item(), 4), "attn_loss": round(attl.item(), 4), "elapsed_s": round(time.perf_counter() - start, 1)}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             record["val"] = {t: accuracy(model, processor, s) for t, s in val.items()}
             save_checkpoint(model, processor, out_dir)  # a stopped run still leaves its latest model
-            log(f"step {step + 1}/{cfg.steps}  {record['elapsed_s']:.0f}s  loss {record['answer_loss']:.3f} aux {record['aux_loss']:.3f}  "
+            log(f"step {step + 1}/{cfg.steps}  {record['elapsed_s']:.0f}s  loss {record['answer_loss']:.3f} aux {record['aux_loss']:.3f} attn {record['attn_loss']:.3f}  "
                 + "  ".join(f"{t} {a:.1%}" for t, a in record["val"].items()))
         elif (step + 1) % 25 == 0:
-            log(f"step {step + 1}/{cfg.steps}  {record['elapsed_s']:.0f}s  loss {record['answer_loss']:.3f} aux {record['aux_loss']:.3f}")
+            log(f"step {step + 1}/{cfg.steps}  {record['elapsed_s']:.0f}s  loss {record['answer_loss']:.3f} aux {record['aux_loss']:.3f} attn {record['attn_loss']:.3f}")
         logf.write(json.dumps(record) + "\n")
         logf.flush()
     logf.close()

@@ -1,0 +1,184 @@
+"""Pure analysis of a results table: Pareto frontiers, retention, iso-accuracy speedups,
+area under the accuracy-cost curve, paired significance and bootstrap CIs.
+
+Every function takes pandas frames with the columns of design.md's result schema
+(`cells.parquet`: one row per cell; `samples.parquet`: one row per sample per cell) and
+returns a new frame; nothing here reads files or draws. "Overall" rows average the tasks
+(macro average of accuracy and of cost), the way pruning papers report an average column.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.stats import binomtest
+
+COST_AXES = ("flops_total", "latency_prefill_ms", "tokens_llm_input")
+KEY = ["model", "task", "method", "method_params", "budget"]
+OVERALL = "overall"
+
+
+def bootstrap_ci(correct: np.ndarray, seed: int = 0, n: int = 1000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of a 0/1 vector: resample the samples with
+    replacement `n` times (fixed seed, so the same data give the same interval)."""
+    correct = np.asarray(correct, dtype=float)
+    if len(correct) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = correct[rng.integers(0, len(correct), size=(n, len(correct)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def with_overall(cells: pd.DataFrame) -> pd.DataFrame:
+    """The cells plus one `task == "overall"` row per (model, method, params, budget) present
+    on every task: mean accuracy, mean CI bounds, mean of every numeric column."""
+    tasks = cells["task"].nunique()
+    if tasks < 2:
+        return cells.copy()
+    group = ["model", "method", "method_params", "budget"]
+    numeric = [c for c in cells.columns if c not in KEY and pd.api.types.is_numeric_dtype(cells[c])]
+    grouped = cells.groupby(group, dropna=False)
+    overall = grouped[numeric].mean().reset_index()
+    overall = overall[grouped.size().reset_index(drop=True).to_numpy() == tasks]
+    overall["task"] = OVERALL
+    return pd.concat([cells, overall], ignore_index=True)
+
+
+def retention(cells: pd.DataFrame) -> pd.Series:
+    """accuracy / accuracy of `none` on the same (model, task); NaN where `none` is absent."""
+    ref = cells[cells["method"] == "none"].groupby(["model", "task"])["accuracy"].first()
+    base = pd.Series([ref.get((m, t), np.nan) for m, t in zip(cells["model"], cells["task"])], index=cells.index)
+    return cells["accuracy"] / base
+
+
+def pareto_frontier(cells: pd.DataFrame, cost: str, acc: str = "accuracy") -> pd.Series:
+    """True for the non-dominated cells of each (model, task): no other cell has cost <= and
+    accuracy >= with one of them strict. Lower cost and higher accuracy are better."""
+    on = pd.Series(False, index=cells.index)
+    for _, g in cells.groupby(["model", "task"]):
+        c, a = g[cost].to_numpy(float), g[acc].to_numpy(float)
+        for i, idx in enumerate(g.index):
+            dominated = (c <= c[i]) & (a >= a[i]) & ((c < c[i]) | (a > a[i]))
+            on[idx] = not dominated.any()
+    return on
+
+
+def _curve(g: pd.DataFrame, cost: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+    g = g.sort_values(cost)
+    return g[cost].to_numpy(float), g[y].to_numpy(float)
+
+
+def min_cost_at(costs: np.ndarray, values: np.ndarray, target: float) -> float:
+    """Smallest cost at which the piecewise-linear curve through (cost, value) points, in
+    increasing cost, first reaches `target`; NaN if it never does."""
+    if len(costs) == 0:
+        return float("nan")
+    if values[0] >= target:
+        return float(costs[0])
+    for (c0, v0), (c1, v1) in zip(zip(costs[:-1], values[:-1]), zip(costs[1:], values[1:])):
+        if v1 >= target:
+            return float(c0 + (target - v0) / (v1 - v0) * (c1 - c0)) if v1 != v0 else float(c1)
+    return float("nan")
+
+
+def iso_accuracy(cells: pd.DataFrame, cost: str = "flops_total", targets=(0.95, 0.99)) -> pd.DataFrame:
+    """Per (model, task, method, target retention): the minimal interpolated cost that reaches
+    the target (`min_cost_at` on the retention-vs-cost curve). Rows: model, task, method,
+    target, cost (NaN = never reached within the sweep's budgets)."""
+    data = cells.assign(retention=retention(cells))
+    rows = []
+    for (model, task, method), g in data[data["method"] != "none"].groupby(["model", "task", "method"]):
+        c, r = _curve(g, cost, "retention")
+        for t in targets:
+            rows.append({"model": model, "task": task, "method": method, "target": t, "cost": min_cost_at(c, r, t)})
+    return pd.DataFrame(rows, columns=["model", "task", "method", "target", "cost"])
+
+
+def speedups(iso: pd.DataFrame) -> pd.DataFrame:
+    """Pairwise iso-accuracy speedup: cost of `other` / cost of `method` at the same target
+    retention (> 1: `method` is cheaper at equal accuracy, e.g. 1.15 = "15% faster").
+    Rows: model, task, target, method, other, speedup (NaN if either never reaches it)."""
+    rows = []
+    for (model, task, target), g in iso.groupby(["model", "task", "target"]):
+        costs = dict(zip(g["method"], g["cost"]))
+        for m, cm in costs.items():
+            for o, co in costs.items():
+                if m != o:
+                    rows.append({"model": model, "task": task, "target": target, "method": m, "other": o,
+                                 "speedup": co / cm if cm and np.isfinite(cm) and np.isfinite(co) else np.nan})
+    return pd.DataFrame(rows, columns=["model", "task", "target", "method", "other", "speedup"])
+
+
+def normalized_auc(cells: pd.DataFrame, cost: str = "flops_total") -> pd.DataFrame:
+    """Area under each method's retention-vs-cost curve, cost normalised by `none`'s cost,
+    over the span [lo, 1] shared by all methods of the task (lo = the largest of the methods'
+    smallest normalised costs), divided by the span: 1.0 = full accuracy at every cost.
+    The curve is linear between measured points and flat beyond the last point, so a method
+    is not rewarded for budgets it was not run at."""
+    data = cells.assign(retention=retention(cells))
+    rows = []
+    for (model, task), g in data.groupby(["model", "task"]):
+        full = g.loc[g["method"] == "none", cost]
+        if full.empty:
+            continue
+        g = g[g["method"] != "none"].assign(x=lambda d: d[cost] / float(full.iloc[0]))
+        if g.empty:
+            continue
+        lo = g.groupby("method")["x"].min().max()
+        grid = np.linspace(lo, 1.0, 201) if lo < 1 else np.array([1.0])
+        for method, m in g.groupby("method"):
+            x, r = _curve(m, "x", "retention")
+            y = np.interp(grid, x, r)
+            area = float(np.trapezoid(y, grid) / (grid[-1] - grid[0])) if len(grid) > 1 else float(y[0])
+            rows.append({"model": model, "task": task, "method": method, "auc": area, "span_low": float(lo)})
+    return pd.DataFrame(rows, columns=["model", "task", "method", "auc", "span_low"])
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact McNemar p-value (two-sided binomial test on the discordant pairs) for paired
+    0/1 correctness vectors over the same samples; 1.0 when there is no discordant pair."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    n01, n10 = int((~a & b).sum()), int((a & ~b).sum())
+    if n01 + n10 == 0:
+        return 1.0
+    return float(binomtest(n10, n01 + n10, 0.5).pvalue)
+
+
+def paired(samples: pd.DataFrame, hash_a: str, hash_b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Correctness of two cells on the samples they share, aligned by sample id."""
+    a = samples[samples["config_hash"] == hash_a].set_index("sample_id")["correct"]
+    b = samples[samples["config_hash"] == hash_b].set_index("sample_id")["correct"]
+    common = a.index.intersection(b.index)
+    return a.loc[common].to_numpy(bool), b.loc[common].to_numpy(bool)
+
+
+def significance(cells: pd.DataFrame, samples: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Each method versus the best *other* method at the same (model, task, budget): accuracy
+    difference and McNemar p on per-sample correctness. `none` is left out (it has no budget)."""
+    rows = []
+    data = cells[cells["method"] != "none"]
+    for (model, task, budget), g in data.groupby(["model", "task", "budget"]):
+        for _, row in g.iterrows():
+            others = g[g["method"] != row["method"]]
+            if others.empty:
+                continue
+            best = others.loc[others["accuracy"].idxmax()]
+            a, b = paired(samples, row["config_hash"], best["config_hash"])
+            p = mcnemar(a, b) if len(a) else float("nan")
+            rows.append({"model": model, "task": task, "budget": budget, "method": row["method"],
+                         "best_other": best["method"], "diff": float(row["accuracy"] - best["accuracy"]),
+                         "n_paired": len(a), "p_value": p, "significant": bool(p < alpha)})
+    return pd.DataFrame(rows, columns=["model", "task", "budget", "method", "best_other", "diff", "n_paired",
+                                       "p_value", "significant"])
+
+
+def summary_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """The papers' table: one row per (method, budget), one accuracy and one retention column
+    per task plus the overall average. `none` appears once, at budget 1."""
+    data = with_overall(cells)
+    data = data.assign(retention=retention(data))
+    acc = data.pivot_table(index=["method", "budget"], columns="task", values="accuracy", aggfunc="first")
+    ret = data.pivot_table(index=["method", "budget"], columns="task", values="retention", aggfunc="first")
+    table = pd.concat({"accuracy": acc, "retention": ret}, axis=1)
+    return table.sort_index(level=["budget", "method"], ascending=[False, True])

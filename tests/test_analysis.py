@@ -1,0 +1,88 @@
+"""Analysis functions on hand-made numbers whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gripbench import analysis
+
+
+def frame(points):
+    """points: (method, budget, cost, accuracy) on one task."""
+    return pd.DataFrame([{"model": "m", "task": "t", "method": m, "method_params": "{}", "budget": b, "cost": c,
+                          "flops_total": c, "accuracy": a, "config_hash": f"{m}{b}"} for m, b, c, a in points])
+
+
+def test_pareto_frontier_keeps_exactly_the_non_dominated_cells():
+    df = frame([("none", 1, 10, 0.9), ("a", 0.5, 5, 0.85), ("b", 0.5, 5, 0.80), ("a", 0.25, 3, 0.6),
+                ("b", 0.25, 4, 0.6), ("c", 0.1, 1, 0.3)])
+    on = analysis.pareto_frontier(df, "cost")
+    assert list(zip(df[on].method, df[on].budget)) == [("none", 1), ("a", 0.5), ("a", 0.25), ("c", 0.1)]
+
+
+def test_min_cost_at_interpolates_between_points():
+    costs, values = np.array([1.0, 2.0, 4.0]), np.array([0.5, 0.9, 1.0])
+    assert analysis.min_cost_at(costs, values, 0.7) == pytest.approx(1.5)
+    assert analysis.min_cost_at(costs, values, 0.95) == pytest.approx(3.0)
+    assert analysis.min_cost_at(costs, values, 0.4) == 1.0
+    assert np.isnan(analysis.min_cost_at(costs, values, 1.01))
+
+
+def test_iso_accuracy_speedup_is_the_cost_ratio_at_equal_retention():
+    df = frame([("none", 1, 10, 1.0), ("fast", 1, 10, 1.0), ("fast", 0.5, 4, 0.95),
+                ("slow", 1, 10, 1.0), ("slow", 0.5, 6, 0.95)])
+    iso = analysis.iso_accuracy(df, "cost", targets=(0.95,))
+    assert dict(zip(iso.method, iso.cost)) == {"fast": 4.0, "slow": 6.0}
+    sp = analysis.speedups(iso).set_index(["method", "other"])["speedup"]
+    assert sp[("fast", "slow")] == pytest.approx(1.5) and sp[("slow", "fast")] == pytest.approx(1 / 1.5)
+
+
+def test_retention_and_auc():
+    df = frame([("none", 1, 10, 0.8), ("flat", 1, 10, 0.8), ("flat", 0.1, 1, 0.8),
+                ("drop", 1, 10, 0.8), ("drop", 0.1, 1, 0.0)])
+    assert list(analysis.retention(df)) == [1.0, 1.0, 1.0, 1.0, 0.0]
+    auc = analysis.normalized_auc(df, "cost").set_index("method")["auc"]
+    assert auc["flat"] == pytest.approx(1.0)
+    assert auc["drop"] == pytest.approx(0.5)  # linear from 0 at 0.1 to 1 at 1.0
+
+
+def test_mcnemar_exact_values():
+    a = np.array([1] * 10 + [0] * 5, bool)
+    b = np.array([0] * 10 + [0] * 5, bool)
+    assert analysis.mcnemar(a, b) == pytest.approx(2 * 0.5 ** 10)
+    assert analysis.mcnemar(a, a) == 1.0
+    c = np.array([1, 0] * 10, bool)
+    assert analysis.mcnemar(c, ~c) == pytest.approx(1.0)  # 10 vs 10 discordant: no evidence
+
+
+def test_bootstrap_ci_is_deterministic_and_brackets_the_mean():
+    x = np.random.default_rng(0).random(300) < 0.7
+    lo, hi = analysis.bootstrap_ci(x, seed=3)
+    assert (lo, hi) == analysis.bootstrap_ci(x, seed=3)
+    assert lo < x.mean() < hi and 0.08 < hi - lo < 0.12  # about 2 x 1.96 x sqrt(.21/300)
+
+
+def test_significance_against_the_best_other_method(tmp_path):
+    from conftest import synthetic_results
+    from gripbench.store import ResultsStore
+
+    store = ResultsStore(synthetic_results(tmp_path / "r", n=200))
+    sig = analysis.significance(store.cells(), store.samples())
+    row = sig[(sig.method == "weak") & (sig.budget == 0.25)].iloc[0]
+    assert row["best_other"] == "good" and row["diff"] < 0 and row["significant"] and row["n_paired"] == 200
+    same = sig[(sig.method == "good") & (sig.budget == 1.0)].iloc[0]
+    assert same["diff"] == 0 and not same["significant"]
+
+
+def test_with_overall_and_summary_table(tmp_path):
+    from conftest import synthetic_results
+    from gripbench.store import ResultsStore
+
+    cells = ResultsStore(synthetic_results(tmp_path / "r")).cells()
+    table = analysis.summary_table(cells)
+    overall = table[("accuracy", "overall")]
+    per_task = table["accuracy"].drop(columns="overall").mean(axis=1)
+    assert np.allclose(overall, per_task)
+    assert table.loc[("none", 1.0), ("retention", "overall")] == pytest.approx(1.0)
