@@ -145,14 +145,15 @@ def training_figure(logs: dict[str, list[dict]]) -> go.Figure | None:
 
 
 def training_logs(results: Path) -> dict[str, list[dict]]:
-    """`*.log.jsonl` beside the results, else the logs shipped with the trained scorers."""
+    """Scorer training logs (`warmup_log.jsonl`, `grpo_log.jsonl`, `dynamicvit_log.jsonl`, as
+    `gripbench train` writes them) beside the results, else those shipped with the scorers."""
     from gripbench.grip.method import WEIGHTS
 
-    paths = sorted(results.glob("*.log.jsonl")) or sorted(Path(WEIGHTS).glob("*.log.jsonl"))
+    paths = sorted(results.glob("*_log.jsonl")) or sorted(Path(WEIGHTS).glob("*_log.jsonl"))
     logs = {}
     for p in paths:
         try:
-            logs[p.name.removesuffix(".log.jsonl")] = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            logs[p.name.removesuffix("_log.jsonl")] = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
         except (OSError, json.JSONDecodeError):
             continue
     return logs

@@ -265,8 +265,8 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
     start = time.perf_counter()
     if todo:
         if executor == "ray":
-            raise GripbenchError("--executor ray is not available yet in this version; use --executor local")
-        if executor == "local":
+            run_on_ray(model, todo, out, batch_size, progress)
+        elif executor == "local":
             runner = Runner(model, batch_size)
             for cell in tqdm(todo, desc="cells", unit="cell", disable=not progress):
                 row, samples = runner.run(cell)
@@ -274,3 +274,45 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
         else:
             raise GripbenchError(f"unknown executor {executor!r} (local or ray)")
     return SweepResult(out, len(todo), len(cells) - len(todo), time.perf_counter() - start, cells)
+
+
+_RUNNERS: dict[tuple[str, int], Runner] = {}
+
+
+def _ray_cell(model: str, cell: Cell, out: str, batch_size: int) -> str:
+    """Body of one Ray task: run one cell and write it into the shared store. The Runner
+    (model, lmms-eval plugin, vision cache) is kept per worker process and reused."""
+    from gripbench.store import ResultsStore
+
+    key = (model, batch_size)
+    if key not in _RUNNERS:
+        _RUNNERS[key] = Runner(model, batch_size)
+    row, samples = _RUNNERS[key].run(cell)
+    ResultsStore(out).add(row, samples)
+    return cell.config_hash
+
+
+def run_on_ray(model: str, cells: list[Cell], out: Path, batch_size: int, progress: bool = True) -> None:
+    """One Ray task per cell (one GPU each where the cluster has GPUs), all writing into the
+    same store, which is safe for concurrent writers. Connects to a running cluster
+    (`RAY_ADDRESS` or `ray start`) or starts a local one."""
+    try:
+        import ray
+    except ImportError:
+        raise GripbenchError("--executor ray needs Ray: pip install 'gripbench[ray]' (or pip install 'ray[default]')") from None
+    from tqdm import tqdm
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                                           "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
+                                           **({"GRIPBENCH_CACHE": os.environ["GRIPBENCH_CACHE"]}
+                                              if "GRIPBENCH_CACHE" in os.environ else {})}})
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=1)(_ray_cell)
+    pending = [task.remote(model, c, str(out), batch_size) for c in cells]
+    with tqdm(total=len(pending), desc="cells (ray)", unit="cell", disable=not progress) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # re-raises a failed cell's error here
+            bar.update(len(done))

@@ -23,6 +23,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     folder = synthetic_results(tmp_path_factory.mktemp("res") / "res", n=40)
+    (folder / "grpo_log.jsonl").write_text("".join(  # a scorer training log beside the results
+        f'{{"phase": "grpo", "step": {i}, "reward": {0.5 + i / 100}, "kl": {i / 1000}}}\n' for i in range(1, 21)))
     out = tmp_path_factory.mktemp("rep") / "report.html"
     assert main(["report", str(folder), "-o", str(out)]) == 0
     return out
@@ -31,11 +33,11 @@ def report(tmp_path_factory):
 def test_report_is_self_contained(report):
     text = report.read_text()
     for section in ("Summary", "Pareto frontiers", "Iso-accuracy speedups", "Area under", "Paired significance",
-                    "Latency breakdown", "Token selection", "Run metadata"):
+                    "Latency breakdown", "Scorer training", "Token selection", "Run metadata"):
         assert section in text, section
     assert not re.search(r"""<(script|link|img)[^>]+(src|href)=["']?https?:""", text)  # nothing fetched
     assert not re.search(r"""<script[^>]+src=""", text)  # plotly.js is inlined, not loaded
-    assert text.count("Plotly.newPlot") == 4  # three Pareto plots and the latency breakdown
+    assert text.count("Plotly.newPlot") == 5  # three Pareto plots, latency breakdown, training curves
 
 
 def test_best_method_is_marked_per_column(report):
@@ -72,7 +74,7 @@ def test_report_renders_in_headless_chromium(report):
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("request", lambda r: requests.append(r.url))
         page.goto(report.as_uri(), wait_until="load")
-        page.wait_for_function("document.querySelectorAll('.plotly-graph-div svg.main-svg').length >= 4")
+        page.wait_for_function("document.querySelectorAll('.plotly-graph-div svg.main-svg').length >= 5")
         counts = page.evaluate("Array.from(document.querySelectorAll('.plotly-graph-div'))"
                                ".map(d => d.querySelectorAll('svg.main-svg').length)")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -80,5 +82,5 @@ def test_report_renders_in_headless_chromium(report):
         browser.close()
     assert errors == []
     assert [u for u in requests if not u.startswith(("file:", "data:"))] == []
-    assert len(counts) == 4 and all(c > 0 for c in counts)
+    assert len(counts) == 5 and all(c > 0 for c in counts)
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000

@@ -77,3 +77,32 @@ def test_bad_input_exits_2(tmp_path, args, message):
     cmd = [sys.executable, "-m", "gripbench.cli", "sweep", "--out", str(tmp_path / "x"), "--limit", "2", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ray_executor_matches_local(tmp_path, monkeypatch):
+    """Each cell a Ray task on a local Ray instance, writing into one store: same cells and
+    the same accuracies as the local executor."""
+    pytest.importorskip("ray", reason="pip install 'gripbench[ray]'")
+    monkeypatch.setenv("GRIPBENCH_CACHE", str(tmp_path / "cache"))
+    local = sweep(tmp_path / "local")
+    assert local.returncode == 0, local.stderr[-2000:]
+    r = sweep(tmp_path / "ray", "--executor", "ray")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{N_CELLS} cells run" in r.stdout
+    a = pd.read_parquet(tmp_path / "local" / "cells.parquet").set_index("config_hash").sort_index()
+    b = pd.read_parquet(tmp_path / "ray" / "cells.parquet").set_index("config_hash").sort_index()
+    assert list(a.index) == list(b.index)
+    assert (a["accuracy"] == b["accuracy"]).all() and (a["flops_total"] == b["flops_total"]).all()
+
+
+def test_ray_missing_says_how_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    from gripbench.errors import GripbenchError
+    from gripbench.sweep import Cell, run_on_ray
+
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "ray" else real(name, *a, **k))
+    with pytest.raises(GripbenchError, match=r"pip install 'gripbench\[ray\]'"):
+        run_on_ray("embedded", [Cell("embedded", "gripbench_text", "none", 1.0, 2, 0)], tmp_path, 8)

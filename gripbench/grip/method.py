@@ -55,8 +55,15 @@ class ScorerMethod(PruningMethod):
         return [PrunePoint(0, keep_count(self.budget, info.num_visual_tokens))]
 
     def scorer(self, dim: int) -> BudgetAwareScorer:
+        """The trained scorer, read from disk once per method instance (not per batch, which
+        would charge file I/O to the method's selection latency)."""
         path = str(self.params.get("scorer", WEIGHTS / f"{self.weights}.safetensors"))
-        scorer = load_scorer(path)
+        cached = getattr(self, "_scorer", None)
+        if cached is not None and cached[0] == path:
+            scorer = cached[1]
+        else:
+            scorer = load_scorer(path)
+            self._scorer = (path, scorer)
         if scorer.dim != dim:
             raise GripbenchError(f"the scorer at {path} was trained for hidden size {scorer.dim}, the model has {dim}; "
                                  f"train one for this model with `gripbench train {self.weights} --model ...`")
