@@ -140,6 +140,7 @@ class Runner:
         self._full_tm = None
         self.arch = Arch.from_config(self.engine.model.config)
         self.env = environment(self.engine)
+        self._latency: dict[tuple, dict] = {}
 
     def task_manager(self, task: str):
         if task in self.tm.all_tasks:
@@ -190,9 +191,19 @@ class Runner:
                "tokens_llm_input": float(samples["tokens_llm_input"].mean()),
                "tokens_layer_avg": float(samples["tokens_layer_avg"].mean()), "tokens_kv": float(samples["tokens_kv"].mean()),
                "evidence_recall": float(samples["evidence_recall"].mean()) if samples["evidence_recall"].notna().any() else np.nan,
-               **flops, **self.latency(cell, method, logged), "kv_cache_bytes": float(kv_bytes),
+               **flops, **self.cached_latency(cell, method, logged), "kv_cache_bytes": float(kv_bytes),
                "batch_size": self.batch_size, **self.env, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return row, samples.drop(columns=["prompt_tokens", "new_tokens", "tokens_llm_input", "tokens_layer_avg", "tokens_kv"])
+
+    def cached_latency(self, cell: Cell, method, logged: list[dict]) -> dict:
+        """Latency is measured once per (method, params, budget) per run, on the first task's
+        batch, and reused for that configuration's other tasks (`latency_task` says which):
+        the questions differ by a few text tokens, the compute by well under the timing noise,
+        and it keeps the protocol's repeated runs from dominating the sweep's wall time."""
+        key = (cell.model, cell.method, cell.method_params, cell.budget, cell.seed)
+        if key not in self._latency:
+            self._latency[key] = {**self.latency(cell, method, logged), "latency_task": cell.task}
+        return self._latency[key]
 
     def latency(self, cell: Cell, method, logged: list[dict]) -> dict:
         """Warm-up excluded; repeated timed runs on a fixed batch; medians (and p10/p90 end to end)."""

@@ -93,12 +93,12 @@ def build_config(tokenizer: PreTrainedTokenizerFast, scene: SceneConfig = SceneC
         vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512, num_hidden_layers=8,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=init_range,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=init_range,
     )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
-        image_seq_length=scene.num_patches, tie_word_embeddings=False,
+        image_seq_length=scene.num_patches, tie_word_embeddings=True,
     )
 
 
