@@ -16,7 +16,20 @@ from pathlib import Path
 
 from gripbench.tasks.suite import SPLIT_SIZES, TASKS, load_split
 
-VERSION = "v1"
+def _generator_version() -> str:
+    """Hash of the task generator's source: cached task data is rebuilt whenever the scenes
+    or questions change (a stale cache once served old images to a retrained model)."""
+    import hashlib
+
+    from gripbench.tasks import scenes, suite
+
+    h = hashlib.sha256()
+    for mod in (scenes, suite):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:12]
+
+
+VERSION = _generator_version()
 PREFIX = "gripbench_"
 YAML = """task: {name}
 dataset_path: parquet
