@@ -72,7 +72,8 @@ def test_shipped_weights_are_fp16():
 def test_training_smoke_loss_decreases(tmp_path):
     from gripbench.zoo.train import TrainConfig, train
 
-    cfg = TrainConfig(steps=12, batch_size=10, warmup=1, eval_every=10_000, eval_per_task=2, lr=2e-3)
+    cfg = TrainConfig(steps=12, batch_size=10, warmup=1, eval_every=10_000, eval_per_task=2, lr=2e-3,
+                      vision_steps=2, vision_batch_size=4)
     result = train(tmp_path, cfg, log=lambda *_: None)
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 12
@@ -86,7 +87,7 @@ def test_training_smoke_loss_decreases(tmp_path):
 def test_training_is_deterministic(tmp_path):
     from gripbench.zoo.train import TrainConfig, train
 
-    cfg = TrainConfig(steps=3, batch_size=4, warmup=1, eval_every=10_000, eval_per_task=1)
+    cfg = TrainConfig(steps=3, batch_size=4, warmup=1, eval_every=10_000, eval_per_task=1, vision_steps=2, vision_batch_size=4)
     for run in ("a", "b"):
         train(tmp_path / run, cfg, log=lambda *_: None)
     logs = [(tmp_path / r / "train_log.jsonl").read_text().splitlines() for r in ("a", "b")]
