@@ -45,11 +45,19 @@ def with_overall(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([cells, overall], ignore_index=True)
 
 
+def ratio_to_none(cells: pd.DataFrame, column: str) -> pd.Series:
+    """Each cell's `column` divided by that of the `none` cell of its (model, task) in the same
+    table; NaN where `none` (or the column) is absent."""
+    if column not in cells:
+        return pd.Series(np.nan, index=cells.index)
+    ref = cells[cells["method"] == "none"].groupby(["model", "task"])[column].first()
+    base = pd.Series([ref.get((m, t), np.nan) for m, t in zip(cells["model"], cells["task"])], index=cells.index)
+    return cells[column] / base
+
+
 def retention(cells: pd.DataFrame) -> pd.Series:
     """accuracy / accuracy of `none` on the same (model, task); NaN where `none` is absent."""
-    ref = cells[cells["method"] == "none"].groupby(["model", "task"])["accuracy"].first()
-    base = pd.Series([ref.get((m, t), np.nan) for m, t in zip(cells["model"], cells["task"])], index=cells.index)
-    return cells["accuracy"] / base
+    return ratio_to_none(cells, "accuracy")
 
 
 def pareto_frontier(cells: pd.DataFrame, cost: str, acc: str = "accuracy") -> pd.Series:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gripbench.analysis import mcnemar, paired
+from gripbench.analysis import mcnemar, paired, ratio_to_none
 from gripbench.errors import GripbenchError
 from gripbench.store import ResultsStore
 
@@ -91,11 +91,7 @@ def _load(folder: str | Path, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def latency_ratios(cells: pd.DataFrame) -> pd.Series:
     """Each cell's end-to-end latency divided by the `none` cell of its (model, task) in the same run."""
-    if LATENCY not in cells:
-        return pd.Series(np.nan, index=cells.index)
-    ref = cells[cells["method"] == "none"].groupby(["model", "task"])[LATENCY].first()
-    base = [ref.get((m, t), np.nan) for m, t in zip(cells["model"], cells["task"])]
-    return cells[LATENCY] / np.asarray(base, dtype=float)
+    return ratio_to_none(cells, LATENCY)
 
 
 def compare(results: str | Path, reference: str | Path, tol: Tolerances = Tolerances()) -> pd.DataFrame:
@@ -106,6 +102,8 @@ def compare(results: str | Path, reference: str | Path, tol: Tolerances = Tolera
     cells = cells.assign(latency_ratio=latency_ratios(cells))
     ref_cells = ref_cells.assign(latency_ratio=latency_ratios(ref_cells))
     merged = ref_cells.merge(cells, on=KEY, how="outer", suffixes=("_ref", "_new"), indicator=True)
+    both = pd.concat([ref_samples.assign(config_hash="ref:" + ref_samples["config_hash"]),
+                      samples.assign(config_hash="new:" + samples["config_hash"])])  # one table, two runs
     rows = []
 
     def add(r, metric, ref, new, verdict, detail=""):
@@ -121,9 +119,7 @@ def compare(results: str | Path, reference: str | Path, tol: Tolerances = Tolera
             add(r, "cell", None, None, "new", "in the results only")
             continue
         a_ref, a_new = float(r["accuracy_ref"]), float(r["accuracy_new"])
-        x, y = paired(pd.concat([ref_samples.assign(config_hash="ref:" + ref_samples["config_hash"]),
-                                 samples.assign(config_hash="new:" + samples["config_hash"])]),
-                      "ref:" + r["config_hash_ref"], "new:" + r["config_hash_new"])
+        x, y = paired(both, "ref:" + r["config_hash_ref"], "new:" + r["config_hash_new"])
         p = mcnemar(x, y) if len(x) else 1.0
         if abs(a_new - a_ref) > tol.acc and p < tol.alpha:
             add(r, "accuracy", a_ref, a_new, "regressed" if a_new < a_ref else "improved",

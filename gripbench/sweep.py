@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 import gripbench
+from gripbench.analysis import bootstrap_ci
 from gripbench.errors import GripbenchError, check_budget, unknown
 from gripbench.flops import Arch, cell_flops
 from gripbench.methods import create_method, registry
@@ -93,13 +94,6 @@ def check_tasks(tasks: list[str]) -> None:
     for t in others:
         if t not in known:
             raise unknown("task", t, list(TASKS) + sorted(known))
-
-
-def bootstrap_ci(correct: np.ndarray, seed: int, n: int = 1000) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean of 0/1 outcomes."""
-    rng = np.random.default_rng(seed)
-    means = correct[rng.integers(0, len(correct), size=(n, len(correct)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def environment(engine) -> dict:
