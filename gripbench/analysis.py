@@ -72,6 +72,27 @@ def pareto_frontier(cells: pd.DataFrame, cost: str, acc: str = "accuracy") -> pd
     return on
 
 
+def with_full_point(cells: pd.DataFrame) -> pd.DataFrame:
+    """Give every method without a budget-1 cell the `none` cell of its (model, task) as that
+    point (flagged `shared_full_point`): at rho = 1 a method keeps every token and answers
+    as `none` does, and the sweep runs that point once (sweep.plan). Curves then end at the
+    full-token point as in the papers' plots, so "reaches 99% only at full cost" reads as
+    cost = none's cost instead of "never"."""
+    if cells.empty or "none" not in set(cells["method"]):
+        return cells
+    extra = []
+    for (model, task), g in cells.groupby(["model", "task"]):
+        full = g[g["method"] == "none"]
+        if full.empty:
+            continue
+        have = set(g.loc[g["budget"] == 1.0, "method"])
+        for m in sorted(set(g["method"]) - have):
+            extra.append(full.iloc[[0]].assign(method=m, budget=1.0, shared_full_point=True))
+    if not extra:
+        return cells
+    return pd.concat([cells.assign(shared_full_point=False), *extra], ignore_index=True)
+
+
 def _curve(g: pd.DataFrame, cost: str, y: str) -> tuple[np.ndarray, np.ndarray]:
     g = g.sort_values(cost)
     return g[cost].to_numpy(float), g[y].to_numpy(float)
@@ -93,7 +114,9 @@ def min_cost_at(costs: np.ndarray, values: np.ndarray, target: float) -> float:
 def iso_accuracy(cells: pd.DataFrame, cost: str = "flops_total", targets=(0.95, 0.99)) -> pd.DataFrame:
     """Per (model, task, method, target retention): the minimal interpolated cost that reaches
     the target (`min_cost_at` on the retention-vs-cost curve). Rows: model, task, method,
-    target, cost (NaN = never reached within the sweep's budgets)."""
+    target, cost (NaN = never reached within the sweep's budgets). Curves end at the shared
+    full-token point (`with_full_point`)."""
+    cells = with_full_point(cells)
     data = cells.assign(retention=retention(cells))
     rows = []
     for (model, task, method), g in data[data["method"] != "none"].groupby(["model", "task", "method"]):
@@ -123,7 +146,9 @@ def normalized_auc(cells: pd.DataFrame, cost: str = "flops_total") -> pd.DataFra
     over the span [lo, 1] shared by all methods of the task (lo = the largest of the methods'
     smallest normalised costs), divided by the span: 1.0 = full accuracy at every cost.
     The curve is linear between measured points and flat beyond the last point, so a method
-    is not rewarded for budgets it was not run at."""
+    is not rewarded for budgets it was not run at. Curves end at the shared full-token point
+    (`with_full_point`)."""
+    cells = with_full_point(cells)
     data = cells.assign(retention=retention(cells))
     rows = []
     for (model, task), g in data.groupby(["model", "task"]):

@@ -226,6 +226,9 @@ class Engine:
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
         n_layers = len(per_layer)
         avg = sum(per_layer) / n_layers
+        # Each layer's cache holds exactly the visual tokens that layer attended to (pruned
+        # keys are cut out of the cache, not masked), so the KV average equals the layer
+        # average here; the fields stay separate for engines that only mask.
         return Generation(tokens, texts, st.visual_ids.tolist(), [per_layer[0]] * b, [avg] * b, [avg] * b,
                           per_layer, timings)
 

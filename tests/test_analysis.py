@@ -86,3 +86,16 @@ def test_with_overall_and_summary_table(tmp_path):
     per_task = table["accuracy"].drop(columns="overall").mean(axis=1)
     assert np.allclose(overall, per_task)
     assert table.loc[("none", 1.0), ("retention", "overall")] == pytest.approx(1.0)
+
+
+def test_curves_end_at_the_shared_full_token_point():
+    # a reaches 99% retention only at full cost: without its own budget-1 cell the `none` cell stands in
+    df = frame([("none", 1, 10, 0.9), ("a", 0.5, 5, 0.85), ("b", 1, 11, 0.9), ("b", 0.5, 5, 0.80)])
+    full = analysis.with_full_point(df)
+    added = full[full.shared_full_point]
+    assert list(zip(added.method, added.budget, added.cost)) == [("a", 1.0, 10)]  # b ran its own budget-1 cell
+    iso = analysis.iso_accuracy(df, "cost", targets=(0.99,)).set_index("method")["cost"]
+    ra = 0.85 / 0.9  # a's retention at cost 5; 1.0 at the shared point (cost 10)
+    assert iso["a"] == pytest.approx(5 + 5 * (0.99 - ra) / (1 - ra))
+    rb = 0.80 / 0.9  # b: its own budget-1 cell, cost 11
+    assert iso["b"] == pytest.approx(5 + 6 * (0.99 - rb) / (1 - rb))

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 ARGS = ["--methods", "none,random", "--tasks", "text", "--budgets", "1,0.5,0.25", "--limit", "8", "--batch-size", "8"]
-N_CELLS = 4  # none@1 and random@{1, 0.5, 0.25}
+N_CELLS = 3  # none@1 and random@{0.5, 0.25}: none@1 is random@1 (see sweep.plan)
 
 
 def sweep(out, *extra, wait=True):
@@ -43,7 +43,17 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path, monkeypatch):
     assert len(samples) == 8 * N_CELLS and not samples.duplicated(["config_hash", "sample_id"]).any()
     assert {p.name for p in (out / "cells.d").glob("*.parquet")} >= first  # nothing finished was lost
     r = sweep(out)
-    assert "0 cells run, 4 already finished" in r.stdout
+    assert f"0 cells run, {N_CELLS} already finished" in r.stdout
+
+
+def test_plan_runs_budget_one_once_through_none():
+    from gripbench.sweep import plan
+
+    cells = plan("embedded", "none,random", "text", [1, 0.5], 8, 0)
+    assert [(c.method, c.budget) for c in cells] == [("none", 1.0), ("random", 0.5)]
+    alone = plan("embedded", "random", "text,counting", [1, 0.5], 8, 0)  # no `none` cell to stand in: it runs
+    assert [(c.task, c.method, c.budget) for c in alone] == [(t, "random", b) for t in ("gripbench_text", "gripbench_counting")
+                                                             for b in (1.0, 0.5)]
 
 
 def test_two_sweeps_into_one_folder(tmp_path, monkeypatch):
