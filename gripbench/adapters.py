@@ -32,7 +32,7 @@ class VisionOutput:
     pre_projector: torch.Tensor | None = None  # [B, N, Dv] vision features before the projector
     _attention: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
-    def select_rows(self, rows: torch.Tensor | list[int]) -> "VisionOutput":
+    def select_rows(self, rows: torch.Tensor | list[int]) -> VisionOutput:
         rows = torch.as_tensor(rows, dtype=torch.long)
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         out = VisionOutput(self.features[rows], pick(self.attn_input), pick(self.pre_projector))
@@ -41,7 +41,7 @@ class VisionOutput:
         return out
 
     @staticmethod
-    def cat(parts: list["VisionOutput"]) -> "VisionOutput":
+    def cat(parts: list[VisionOutput]) -> VisionOutput:
         join = lambda ts: None if any(t is None for t in ts) else torch.cat(ts)  # noqa: E731
         out = VisionOutput(torch.cat([p.features for p in parts]), join([p.attn_input for p in parts]),
                            join([p.pre_projector for p in parts]))
@@ -142,6 +142,26 @@ class LlavaAdapter:
     def rotary(self, h: torch.Tensor, positions: torch.Tensor):
         return self.lm.rotary_emb(h, position_ids=positions)
 
+    def query_key(self, layer: int, h: torch.Tensor, queries: torch.Tensor, positions: torch.Tensor):
+        """Queries of the `queries` slots ([B, Q]) and keys of every slot at `layer`, after the
+        layer's input norm and RoPE, from the layer's input `h` [B, T, D]: ([B, H, Q, hd],
+        [B, KV, T, hd], softmax scaling). The one place that knows the attention layout and
+        the rotary scheme (a Qwen2-VL adapter applies its 3-D M-RoPE here), so methods that
+        read attention rows never depend on the model family."""
+        block = self.layers[layer]
+        attn = block.self_attn
+        x = block.input_layernorm(h)
+        b, t, _ = x.shape
+        hd = attn.head_dim
+        xq = torch.gather(x, 1, queries[..., None].expand(-1, -1, x.shape[-1]))
+        q = attn.q_proj(xq).view(b, queries.shape[1], -1, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)
+        cos, sin = self.rotary(x, positions)  # [B, T, hd]: the queries' rows are gathered from it
+        qcos, qsin = (torch.gather(c, 1, queries[..., None].expand(-1, -1, c.shape[-1])) for c in (cos, sin))
+        q = q * qcos[:, None] + _rotate_half(q) * qsin[:, None]
+        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        return q, k, attn.scaling
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.lm.norm(h))
 
@@ -152,3 +172,8 @@ def adapter_for(model) -> LlavaAdapter:
     if name == "LlavaForConditionalGeneration":
         return LlavaAdapter(model)
     raise GripbenchError(f"model class {name} is not supported yet (supported: LlavaForConditionalGeneration)")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

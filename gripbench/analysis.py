@@ -81,7 +81,7 @@ def with_full_point(cells: pd.DataFrame) -> pd.DataFrame:
     if cells.empty or "none" not in set(cells["method"]):
         return cells
     extra = []
-    for (model, task), g in cells.groupby(["model", "task"]):
+    for _, g in cells.groupby(["model", "task"]):
         full = g[g["method"] == "none"]
         if full.empty:
             continue
@@ -155,7 +155,8 @@ def normalized_auc(cells: pd.DataFrame, cost: str = "flops_total") -> pd.DataFra
         full = g.loc[g["method"] == "none", cost]
         if full.empty:
             continue
-        g = g[g["method"] != "none"].assign(x=lambda d: d[cost] / float(full.iloc[0]))
+        g = g[g["method"] != "none"]
+        g = g.assign(x=g[cost] / float(full.iloc[0]))
         if g.empty:
             continue
         lo = g.groupby("method")["x"].min().max()

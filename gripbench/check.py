@@ -19,12 +19,12 @@ the command line or a TOML file (`[check]` table with `acc = -0.02`,
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import tomllib
 
 from gripbench.analysis import mcnemar, paired, ratio_to_none
 from gripbench.errors import GripbenchError

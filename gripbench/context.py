@@ -91,21 +91,11 @@ class PruneContext:
         h = self.hidden if layer == self.layer else self.prev_hidden
         if h is None or layer not in (self.layer, self.layer - 1) or layer >= self.info.num_layers:
             raise ValueError(f"attention is available at layers {self.layer - 1} and {self.layer} only")
-        block = self.adapter.layers[layer]
-        attn = block.self_attn
-        x = block.input_layernorm(h)
-        b, t, _ = x.shape
-        hd = attn.head_dim
-        xq = torch.gather(x, 1, queries[..., None].expand(-1, -1, x.shape[-1]))
-        q = attn.q_proj(xq).view(b, queries.shape[1], -1, hd).transpose(1, 2)
-        k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)
-        cos, sin = self.adapter.rotary(x, self.positions)  # [B, T, hd]: the queries' rows are gathered from it
-        qcos, qsin = (torch.gather(c, 1, queries[..., None].expand(-1, -1, c.shape[-1])) for c in (cos, sin))
-        q = q * qcos[:, None] + _rotate_half(q) * qsin[:, None]
-        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        q, k, scaling = self.adapter.query_key(layer, h, queries, self.positions)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
-        slots = torch.arange(t, device=x.device)
+        scores = (q @ k.transpose(-1, -2)).float() * scaling
+        t = h.shape[1]
+        slots = torch.arange(t, device=h.device)
         allowed = (slots[None, None, :] <= queries[..., None]) & self.key_mask[:, None, :]
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         return torch.softmax(scores, dim=-1)
@@ -117,7 +107,3 @@ class PruneContext:
         g.manual_seed(self.row_seeds[row])
         return g
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -42,7 +42,7 @@ class Arch:
     vocab: int
 
     @staticmethod
-    def from_config(config) -> "Arch":
+    def from_config(config) -> Arch:
         v, t = config.vision_config, config.text_config
         head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
         return Arch(patch=v.patch_size, vision_dim=v.hidden_size, vision_mlp=v.intermediate_size,

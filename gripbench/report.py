@@ -61,7 +61,7 @@ def summary_html(cells: pd.DataFrame) -> str:
         tasks = [t for t in tasks if t != analysis.OVERALL] + [analysis.OVERALL]
     head = "".join(f"<th>{html.escape(t)}</th>" for t in tasks)
     rows = [f"<tr><th class=l>method</th><th>budget</th>{head}<th>retention ({tasks[-1]})</th></tr>"]
-    for budget, block in table.groupby(level="budget", sort=False):
+    for _, block in table.groupby(level="budget", sort=False):
         others = block.drop(index="none", level="method", errors="ignore")
         best = {t: others[("accuracy", t)].max() for t in tasks}
         for (method, b), r in block.iterrows():

@@ -59,7 +59,7 @@ class ResultsStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def create(self) -> "ResultsStore":
+    def create(self) -> ResultsStore:
         if self.root.exists() and not self.root.is_dir():
             raise GripbenchError(f"--out {self.root} exists and is not a folder")
         (self.root / CELLS).mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,8 @@ def environment(engine) -> dict:
     except Exception:
         commit = None
     cfg = engine.model.config
-    return {"device": str(engine.device) + ("" if engine.device.type != "cpu" else f" ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"),
+    cpu = f" ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
+    return {"device": str(engine.device) + (cpu if engine.device.type == "cpu" else ""),
             "dtype": str(next(engine.model.parameters()).dtype).replace("torch.", ""),
             "attn_implementation": str(cfg.text_config._attn_implementation),
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,

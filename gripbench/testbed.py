@@ -1,10 +1,18 @@
 """Does the embedded testbed discriminate? The four bars every retrained checkpoint must pass.
 
-1. unpruned: macro accuracy >= 85%, each task >= 70% and >= majority baseline + 25 points;
+1. unpruned: macro accuracy >= 85%, each task >= 70% and >= its blind baseline + 25 points;
 2. the image matters: one random visual token gives <= majority + 10 points on every task;
 3. the right tokens suffice: the evidence patches plus their neighbours (at most 25% of
    tokens, original position ids) retain >= 95% of unpruned macro accuracy;
 4. blind pruning hurts: a random 12.5% of tokens loses >= 15 points of macro accuracy.
+
+Two blind baselines per task: `majority` (always the task's most frequent answer, the
+issue's wording) and `prior` (the most frequent answer of each question template,
+`suite.prior_baseline`), which is what a model that reads the question but not the image
+can reach. They differ where a question names its answer set: a spatial question offers
+"left or right" (prior ~50%) while the task has four answers (majority ~27%). Bar 1 uses
+the larger of the two (the stricter); bar 2 is reported against both, because one token
+giving 50% on two-way questions says nothing about the image leaking.
 
 The evidence oracle reads the generator's ground truth, so it is a diagnostic here and
 never a registered pruning method.
@@ -17,7 +25,7 @@ import torch
 
 from gripbench.evaluate import accuracy, run_samples
 from gripbench.methods import PrunePoint, PruningMethod, Selection, create_method
-from gripbench.tasks.suite import TASKS, load_split, majority_baseline
+from gripbench.tasks.suite import TASKS, load_split, majority_baseline, prior_baseline
 
 
 def oracle_keep(evidence: list[int], grid: int, cap: int) -> list[int]:
@@ -72,7 +80,7 @@ def measure(engine, limit: int = 300, batch_size: int = 64, log=print) -> dict:
     }
     for task in TASKS:
         samples = load_split(task, "test", limit)
-        row = {"majority": majority_baseline(samples)}
+        row = {"majority": majority_baseline(samples), "prior": prior_baseline(samples)}
         for name, (method, bs, hook) in conditions.items():
             row[name] = accuracy(run_samples(engine, samples, method, bs, before_batch=hook))
         row["oracle_tokens_mean"] = float(np.mean([len(oracle_keep(s.evidence, grid, cap)) for s in samples]))
@@ -82,8 +90,10 @@ def measure(engine, limit: int = 300, batch_size: int = 64, log=print) -> dict:
     out["macro"] = macro
     bars = {
         "unpruned_macro>=85%": macro["unpruned"] >= 0.85,
-        "each_task>=70%_and_majority+25": all(r["unpruned"] >= 0.70 and r["unpruned"] >= r["majority"] + 0.25 for r in out["tasks"].values()),
+        "each_task>=70%_and_blind+25": all(r["unpruned"] >= max(0.70, r["majority"] + 0.25, r["prior"] + 0.25)
+                                           for r in out["tasks"].values()),
         "one_token<=majority+10": all(r["one_random_token"] <= r["majority"] + 0.10 for r in out["tasks"].values()),
+        "one_token<=prior+10": all(r["one_random_token"] <= r["prior"] + 0.10 for r in out["tasks"].values()),
         "oracle_retains>=95%": macro["evidence_oracle_25%"] >= 0.95 * macro["unpruned"],
         "random12.5%_loses>=15": macro["unpruned"] - macro["random_12.5%"] >= 0.15,
     }

@@ -34,8 +34,7 @@ def embedded():
 def tiny_llava_hf(tmp_dir) -> str:
     """A randomly initialised llava-hf-style checkpoint (CLIP 56px/14 -> 16 tokens, 4-layer
     Llama with plain multi-head attention), saved with save_pretrained; returns its folder."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from gripbench.zoo.model import CHAT_TEMPLATE, build_tokenizer
 

@@ -66,6 +66,7 @@ def test_bootstrap_ci_is_deterministic_and_brackets_the_mean():
 
 def test_significance_against_the_best_other_method(tmp_path):
     from conftest import synthetic_results
+
     from gripbench.store import ResultsStore
 
     store = ResultsStore(synthetic_results(tmp_path / "r", n=200))
@@ -78,6 +79,7 @@ def test_significance_against_the_best_other_method(tmp_path):
 
 def test_with_overall_and_summary_table(tmp_path):
     from conftest import synthetic_results
+
     from gripbench.store import ResultsStore
 
     cells = ResultsStore(synthetic_results(tmp_path / "r")).cells()

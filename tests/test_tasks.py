@@ -7,7 +7,16 @@ import collections
 import numpy as np
 import pytest
 
-from gripbench.tasks.suite import SPLIT_SIZES, TASKS, is_held_out, load_split, majority_baseline, make_sample
+from gripbench.tasks.suite import (
+    SPLIT_SIZES,
+    TASKS,
+    is_held_out,
+    load_split,
+    majority_baseline,
+    make_sample,
+    prior_baseline,
+    question_template,
+)
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -75,9 +84,17 @@ def test_test_split_sizes_and_balance():
         split = load_split(task, "test", 500)
         counts = collections.Counter(s.answer for s in split)
         assert majority_baseline(split) <= 0.55, (task, counts.most_common(3))
+        assert majority_baseline(split) <= prior_baseline(split) <= 0.56  # the question alone never gives the answer away
     ex = load_split("existence", "test", 500)
     assert 0.4 < sum(s.answer == "yes" for s in ex) / len(ex) < 0.6
     kinds = collections.Counter(s.meta["negative"] for s in ex if s.answer == "no")
     assert set(kinds) == {"random", "popular", "adversarial"}
     counts = collections.Counter(s.answer for s in load_split("counting", "test", 500))
     assert set(counts) == {"1", "2", "3", "4"} and min(counts.values()) > 80
+
+
+def test_prior_baseline_reads_the_question_not_the_image():
+    assert question_template("is the red circle on the left or on the right?") == "is the _ _ on the left or on the right?"
+    sp = load_split("spatial", "test", 500)
+    # two-way questions over four balanced answers: the blind prior is about 1/2, the majority about 1/4
+    assert 0.2 < majority_baseline(sp) < 0.32 and 0.45 < prior_baseline(sp) < 0.56

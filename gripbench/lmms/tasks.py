@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gripbench.tasks.suite import SPLIT_SIZES, TASKS, load_split
 
+
 def _generator_version() -> str:
     """Hash of the task generator's source: cached task data is rebuilt whenever the scenes
     or questions change (a stale cache once served old images to a retrained model)."""

@@ -7,7 +7,8 @@ so each image pass supervises several answers. During training only, per-patch h
 every visual token at the projector output: colour, shape and character of the item
 covering the patch (with `grounded_aux`, cosine logits against the LLM's own word
 embeddings of "red", "circle", ...), its row and column, and whether it holds an item's
-centre. The heads are thrown away; the shipped checkpoint is the plain
+centre, and which half of the image it lies in (against the words "left"/"right",
+"top"/"bottom"). The heads are thrown away; the shipped checkpoint is the plain
 `LlavaForConditionalGeneration`. A curriculum grows scenes from 2 to 6 shapes and the
 background clutter from 25% to full over the first `curriculum` share of the steps.
 
@@ -16,6 +17,13 @@ signal far too slowly for a 2-core CPU budget; (2) they keep visual tokens *loca
 describes its own patch), like the patch features of a CLIP trained at scale, so that
 which tokens survive pruning decides what the LLM can still see. They say nothing about
 which tokens to keep, so they favour no pruning method.
+
+Background dropout (`hide_background`): half of the conversations hide a random share of
+the visual tokens that no question of the conversation needs, as a pre-LLM pruning step
+would. A large VLM shrugs off losing irrelevant tokens thanks to its redundancy; the tiny
+one otherwise learns answers (counting above all) that depend on the *number* of
+background tokens, and then every pruning method, even a perfect one, would look bad.
+Evidence tokens are never hidden, so missing evidence still costs what it should.
 
 Determinism: model init and batch composition are pure functions of the seed; the
 training sample at global position i is `make_sample(task, "train", i, base_seed=seed)`,
@@ -59,6 +67,7 @@ class TrainConfig:
     attn_weight: float = 1.0  # weight of the evidence-attention loss (see evidence_attention_loss)
     attn_layer: int = 2  # LLM layer whose answer-position attention is pulled onto the evidence
     question_layer: int = 1  # LLM layer whose answer-position attention is pulled onto the question
+    background_dropout: float = 0.5  # share of conversations whose non-evidence visual tokens are partly hidden
     seed: int = 0
 
     def clutter(self, step: int) -> float:
@@ -133,6 +142,8 @@ class AuxHeads(torch.nn.Module):
     logits): a triangle patch is pulled toward the embedding of the word "triangle". This
     is what LLaVA's stage-1 alignment gives a pretrained LLM for free, a visual token in
     the LLM's word space, and it lets a question word find its patches by similarity.
+    Position is grounded the same way: each patch is pulled toward "left" or "right" and
+    "top" or "bottom" by the half of the image it lies in (`half_logits`).
     Free parameters: a "background" vector and a logit scale per head, and the linear
     row / column / centre heads."""
 
@@ -148,8 +159,9 @@ class AuxHeads(torch.nn.Module):
             return
         words = [list(COLORS), list(SHAPES) + ["sign"], [c.lower() for c in CHARS]]
         self.word_ids = [torch.tensor(tokenizer.convert_tokens_to_ids(w)) for w in words]
+        self.half_ids = [torch.tensor(tokenizer.convert_tokens_to_ids(w)) for w in (["left", "right"], ["top", "bottom"])]
         self.background = torch.nn.Parameter(torch.randn(3, dim) * 0.02)
-        self.scale = torch.nn.Parameter(torch.full((3,), 10.0))
+        self.scale = torch.nn.Parameter(torch.full((5,), 10.0))
 
     def logits(self, feats: torch.Tensor, i: int) -> torch.Tensor:
         if self.embeddings is None:
@@ -166,6 +178,13 @@ class AuxHeads(torch.nn.Module):
         fg = labels > 0
         return (per[fg].mean() if fg.any() else per.new_zeros(())) + per[~fg].mean()
 
+    def half_logits(self, feats: torch.Tensor, axis: int) -> torch.Tensor:
+        """Which half of the image (axis 0: left/right, 1: top/bottom) a patch lies in, as
+        cosine logits against the words "left"/"right" and "top"/"bottom": a patch's position
+        then reaches the LLM the way its colour does, as a word-like direction it can copy."""
+        classes = self.embeddings.weight[self.half_ids[axis]]
+        return self.scale[3 + axis] * F.normalize(feats, dim=-1) @ F.normalize(classes, dim=-1).T
+
     def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         what = sum(self._balanced(self.logits(feats, i).flatten(0, 1), labels[:, i].flatten()) for i in range(3))
         idx = torch.arange(feats.shape[1], device=feats.device)
@@ -173,7 +192,13 @@ class AuxHeads(torch.nn.Module):
         where = sum(F.cross_entropy(self.where[i](feats).flatten(0, 1), targets[i].expand(feats.shape[0], -1).flatten())
                     for i in range(2))
         where = where + F.cross_entropy(self.where[2](feats).flatten(0, 1), labels[:, 3].flatten())
-        return (what + where) / 6 + self.scale_loss(feats)
+        n = 6
+        if self.embeddings is not None:
+            for axis, target in enumerate((targets[1], targets[0])):  # left/right from the column, top/bottom from the row
+                half = (target >= self.grid // 2).long().expand(feats.shape[0], -1).flatten()
+                where = where + F.cross_entropy(self.half_logits(feats, axis).flatten(0, 1), half)
+            n = 8
+        return (what + where) / n + self.scale_loss(feats)
 
     def scale_loss(self, feats: torch.Tensor) -> torch.Tensor:
         """Keep visual tokens at the scale of the LLM's word embeddings (squared log-ratio of
@@ -185,6 +210,32 @@ class AuxHeads(torch.nn.Module):
             return feats.new_zeros(())
         target = 2 * self.embeddings.weight.detach().norm(dim=-1).mean()
         return (torch.log(feats.norm(dim=-1) / target) ** 2).mean()
+
+
+def hide_background(attention_mask: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                    evidence: list[list[list[int]]], share: float, generator: torch.Generator) -> torch.Tensor:
+    """For a `share` of the rows, mask a random fraction (uniform in [0, 1]) of the visual
+    tokens that are evidence for none of the row's questions: the LLM then sees the
+    conversation as a pre-LLM pruning method would hand it over (keys removed, original
+    position ids kept, since Llama's positions do not follow the mask).
+
+    Why: without it, the LLM learned to count by the share of its attention that the
+    matching patches win against *all* patches; dropping background then inflates the
+    count (keeping exactly the evidence took counting from 63% to 27%). A large VLM's
+    redundancy makes it robust to losing irrelevant tokens; this gives the tiny one the
+    same property. Evidence tokens are never hidden, so which tokens a method keeps still
+    decides the answer: favouring no method, it only stops the testbed from penalising
+    every method for dropping tokens nobody needs."""
+    mask = attention_mask.clone()
+    for b, evs in enumerate(evidence):
+        if torch.rand((), generator=generator) >= share:
+            continue
+        image = torch.nonzero(input_ids[b] == image_token_id).flatten()
+        keep = torch.zeros(len(image), dtype=torch.bool)
+        keep[[i for ev in evs for i in ev]] = True
+        hide = ~keep & (torch.rand(len(image), generator=generator) < torch.rand((), generator=generator))
+        mask[b, image[hide]] = 0
+    return mask
 
 
 def answer_positions(labels: torch.Tensor) -> list[list[int]]:
@@ -223,7 +274,7 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(out.pooler_output))
 
 
-def train_vision(model, processor, heads: AuxHeads, cfg: "TrainConfig", log=print) -> None:
+def train_vision(model, processor, heads: AuxHeads, cfg: TrainConfig, log=print) -> None:
     """Stage 1: train the vision tower and projector on the per-patch heads only.
 
     The tower then knows colours, shapes and glyphs before the LLM ever reads it; an image
@@ -341,7 +392,10 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
     heads = AuxHeads(model.config.text_config.hidden_size, emb if cfg.grounded_aux else None, processor.tokenizer)
     params = list(model.parameters()) + [p for n, p in heads.named_parameters() if not n.startswith("embeddings.")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
+    def lr_factor(s: int) -> float:  # linear warm-up, then cosine decay to a tenth
+        return min(1.0, (s + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     start = time.perf_counter()  # elapsed time covers both stages
     train_vision(model, processor, heads, cfg, log)
     val = {t: load_split(t, "val", cfg.eval_per_task) for t in TASKS}
@@ -358,6 +412,10 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
         batch = encode(processor, samples, with_answers=True, extra=extra)
         aux = torch.stack([patch_labels(s) for s in samples])
         evidence = [[s.evidence] + [e for _, _, e in (extra[i] if extra else [])] for i, s in enumerate(samples)]
+        if cfg.background_dropout > 0:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            batch["attention_mask"] = hide_background(batch["attention_mask"], batch["input_ids"], model.config.image_token_id,
+                                                      evidence, cfg.background_dropout, gen)
         loss, ans, auxl, attl = training_step(model, heads, batch, aux, cfg.aux_weight, evidence, cfg.attn_weight, cfg.attn_layer,
                                               cfg.question_layer, processor.tokenizer)
         opt.zero_grad(set_to_none=True)
@@ -367,13 +425,14 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
         sched.step()
         record = {"step": step + 1, "loss": round(loss.item(), 4), "answer_loss": round(ans.item(), 4),
                   "aux_loss": round(auxl.item(), 4), "attn_loss": round(attl.item(), 4), "elapsed_s": round(time.perf_counter() - start, 1)}
+        losses = f"loss {record['answer_loss']:.3f} aux {record['aux_loss']:.3f} attn {record['attn_loss']:.3f}"
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             record["val"] = {t: accuracy(model, processor, s) for t, s in val.items()}
             save_checkpoint(model, processor, out_dir)  # a stopped run still leaves its latest model
-            log(f"step {step + 1}/{cfg.steps}  {record['elapsed_s']:.0f}s  loss {record['answer_loss']:.3f} aux {record['aux_loss']:.3f} attn {record['attn_loss']:.3f}  "
+            log(f"step {step + 1}/{cfg.steps}  {record['elapsed_s']:.0f}s  {losses}  "
                 + "  ".join(f"{t} {a:.1%}" for t, a in record["val"].items()))
         elif (step + 1) % 25 == 0:
-            log(f"step {step + 1}/{cfg.steps}  {record['elapsed_s']:.0f}s  loss {record['answer_loss']:.3f} aux {record['aux_loss']:.3f} attn {record['attn_loss']:.3f}")
+            log(f"step {step + 1}/{cfg.steps}  {record['elapsed_s']:.0f}s  {losses}")
         logf.write(json.dumps(record) + "\n")
         logf.flush()
     logf.close()
