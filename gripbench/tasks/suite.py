@@ -282,10 +282,10 @@ def prior_baseline(samples: list[Sample]) -> float:
     (`question_template`): the best a blind model that reads the question can do. It is
     at least `majority_baseline`, and much higher where the question narrows the answer
     set (a spatial question offers two of its task's four answers: prior ~50%, majority ~25%)."""
-    by: dict[str, list[str]] = {}
+    by: dict[str, list[Sample]] = {}
     for s in samples:
-        by.setdefault(question_template(s.question), []).append(s.answer)
-    return sum(max(a.count(x) for x in set(a)) for a in by.values()) / len(samples)
+        by.setdefault(question_template(s.question), []).append(s)
+    return sum(majority_baseline(group) * len(group) for group in by.values()) / len(samples)
 
 
 def answer_vocabulary() -> list[str]:
