@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half  # the RoPE helper the Llama decoder itself uses
 
 from gripbench.errors import GripbenchError
 from gripbench.methods import ModelInfo
@@ -158,8 +159,8 @@ class LlavaAdapter:
         k = attn.k_proj(x).view(b, t, -1, hd).transpose(1, 2)
         cos, sin = self.rotary(x, positions)  # [B, T, hd]: the queries' rows are gathered from it
         qcos, qsin = (torch.gather(c, 1, queries[..., None].expand(-1, -1, c.shape[-1])) for c in (cos, sin))
-        q = q * qcos[:, None] + _rotate_half(q) * qsin[:, None]
-        k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+        q = q * qcos[:, None] + rotate_half(q) * qsin[:, None]
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         return q, k, attn.scaling
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -172,8 +173,3 @@ def adapter_for(model) -> LlavaAdapter:
     if name == "LlavaForConditionalGeneration":
         return LlavaAdapter(model)
     raise GripbenchError(f"model class {name} is not supported yet (supported: LlavaForConditionalGeneration)")
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
