@@ -8,9 +8,11 @@ Every (model, task, method, method_params, budget) cell present on both sides is
   drop within tolerance does not either);
 - FLOPs must match exactly: they are analytic and deterministic, so any change is a change
   of the method or of the accounting and must be looked at;
-- latency is compared as the ratio of the cell's `latency_e2e_ms` to the `none` cell of the
-  same task *in the same run*, which cancels the machine's speed; the ratio may grow by at
-  most the tolerance (relative).
+- latency is compared as the ratio of the cell's `latency_e2e_ms` to `none`'s, timed on
+  the same batch interleaved with the method's own runs (`latency_none_e2e_ms`; results
+  written before that column existed fall back to the `none` cell of the same task in the
+  same run), which cancels the machine's speed and its load; the ratio may grow by at most
+  the tolerance (relative).
 
 Cells on one side only are listed (and fail with `fail_on_missing`). Tolerances come from
 the command line or a TOML file (`[check]` table with `acc = -0.02`,
@@ -32,6 +34,7 @@ from gripbench.store import ResultsStore
 
 KEY = ["model", "task", "method", "method_params", "budget"]
 LATENCY = "latency_e2e_ms"
+PAIRED = "latency_none_e2e_ms"  # none timed interleaved with the cell's own runs
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,12 @@ def _load(folder: str | Path, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def latency_ratios(cells: pd.DataFrame) -> pd.Series:
-    """Each cell's end-to-end latency divided by the `none` cell of its (model, task) in the same run."""
-    return ratio_to_none(cells, LATENCY)
+    """Each cell's end-to-end latency divided by `none`'s measured beside it (paired runs,
+    `latency_none_e2e_ms`), or, where that is missing, by the `none` cell of its (model, task)."""
+    fallback = ratio_to_none(cells, LATENCY)
+    if PAIRED not in cells:
+        return fallback
+    return (cells[LATENCY] / cells[PAIRED]).fillna(fallback)
 
 
 def compare(results: str | Path, reference: str | Path, tol: Tolerances = Tolerances()) -> pd.DataFrame:

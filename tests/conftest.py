@@ -104,7 +104,7 @@ def synthetic_results(folder, methods=("none", "good", "weak"), tasks=("gripbenc
                        "tokens_layer_avg": tokens, "tokens_kv": tokens, "evidence_recall": budget,
                        "flops_total": 1e8 + 1e6 * tokens, "latency_vision_ms": 10.0, "latency_scorer_ms": 1.0,
                        "latency_prefill_ms": 20 + 0.5 * tokens, "latency_decode_ms_per_token": 2.0,
-                       "latency_e2e_ms": 40 + 0.5 * tokens, "device": "cpu"}
+                       "latency_e2e_ms": 40 + 0.5 * tokens, "latency_none_e2e_ms": 40 + 0.5 * 144, "device": "cpu"}
                 samples = pd.DataFrame({"sample_id": [f"{task.removeprefix('gripbench_')}-test-{i}" for i in range(n)],
                                         "correct": correct, "prediction": "x", "target": "x",
                                         "kept_indices": [list(range(int(tokens)))] * n})

@@ -68,6 +68,28 @@ def test_latency_slowdown_of_one_method_is_caught_through_the_ratio(reference, t
                    Tolerances(latency_ratio=0.6)).empty  # within a looser tolerance
 
 
+def test_load_that_comes_and_goes_during_a_sweep_cancels_in_the_paired_ratio(reference, tmp_path):
+    """A method timed while the machine was 4x busier: its own runs and the `none` runs
+    interleaved with them slow down together. Against the `none` cell timed earlier (the
+    fallback for results without the paired column) the same load reads as a regression."""
+    def busy(row, samples):
+        if row["method"] == "weak":
+            row = {**row, "latency_e2e_ms": row["latency_e2e_ms"] * 4, "latency_none_e2e_ms": row["latency_none_e2e_ms"] * 4}
+        return row, samples
+
+    assert compare(synthetic_results(tmp_path / "busy", edit=busy), reference).empty
+
+    def unpaired(edit):
+        def apply(row, samples):
+            row, samples = edit(row, samples)
+            return {k: v for k, v in row.items() if k != "latency_none_e2e_ms"}, samples
+        return apply
+
+    old_ref = synthetic_results(tmp_path / "old_ref", edit=unpaired(lambda r, s: (r, s)))
+    findings = compare(synthetic_results(tmp_path / "old_busy", edit=unpaired(busy)), old_ref)
+    assert set(findings.metric) == {"latency_ratio"} and set(findings.method) == {"weak"}
+
+
 def test_a_uniformly_slower_machine_is_not_a_regression(reference, tmp_path):
     def machine(row, samples):
         return {**row, **{k: v * 2.0 for k, v in row.items() if k.startswith("latency_")}}, samples
