@@ -49,7 +49,7 @@ from gripbench.zoo.model import build_model, build_processor, prompt_text
 
 @dataclass
 class TrainConfig:
-    steps: int = 1800
+    steps: int = 1950
     vision_steps: int = 250  # stage 1: the vision tower + projector alone, on the per-patch heads
     vision_batch_size: int = 48
     batch_size: int = 24
@@ -71,6 +71,10 @@ class TrainConfig:
     # Fixed logit scale of the left/right, top/bottom heads (None: learned, as in the shipped build). With a learned
     # scale the shipped tokens carry left/right faintly (cosine -0.01 vs 0.09 for top/bottom) and the LLM misses it.
     half_scale: float | None = None
+    # First-turn task of each conversation, in turn. Counting and spatial come twice: attribute,
+    # existence and text reach 96-100% validation accuracy by step 1500, counting and spatial
+    # were still rising at the end. Every conversation also asks about the other families (extra_turns).
+    task_cycle: tuple[str, ...] = ("attribute", "counting", "existence", "spatial", "text", "counting", "spatial")
     seed: int = 0
 
     def clutter(self, step: int) -> float:
@@ -406,7 +410,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
     start = time.perf_counter()  # elapsed time covers both stages
     train_vision(model, processor, heads, cfg, log)
     val = {t: load_split(t, "val", cfg.eval_per_task) for t in TASKS}
-    tasks = list(TASKS)
+    tasks = list(cfg.task_cycle)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     logf = open(out_dir / "train_log.jsonl", "w")
