@@ -289,8 +289,8 @@ def majority_baseline(samples: list[Sample]) -> float:
 
 def question_template(question: str) -> str:
     """The question with the words naming colours, shapes and characters blanked: what a
-    model that does not look at the image can tell apart (e.g. "... left or on the right?"
-    from "... top or at the bottom?")."""
+    model that does not look at the image can tell apart (e.g. "where is the _ _ horizontally?"
+    from "where is the _ _ vertically?")."""
     named = set(COLORS) | set(SHAPES) | {f"{s}s" for s in SHAPES} | {c.lower() for c in CHARS}
     return " ".join("_" if w.strip("?.,") in named else w for w in question.lower().split())
 
