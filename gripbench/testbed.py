@@ -11,9 +11,9 @@ issue's wording) and `prior` (the most frequent answer of each question template
 `suite.prior_baseline`), which is what a model that reads the question but not the image
 can reach. They differ where a question narrows its answer set: a spatial question names
 its axis ("... horizontally?": left or right, prior ~50%) while the task has four answers
-(majority ~27%). Bar 1 uses
-the larger of the two (the stricter); bar 2 is reported against both, because one token
-giving 50% on two-way questions says nothing about the image leaking.
+(majority ~27%). Bar 1 uses the larger of the two (the stricter); bar 2 is reported
+against both, because one token giving 50% on two-way questions says nothing about the
+image leaking.
 
 The evidence oracle reads the generator's ground truth, so it is a diagnostic here and
 never a registered pruning method.

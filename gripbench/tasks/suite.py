@@ -299,7 +299,8 @@ def prior_baseline(samples: list[Sample]) -> float:
     """Accuracy of answering each question with the most frequent answer of its template
     (`question_template`): the best a blind model that reads the question can do. It is
     at least `majority_baseline`, and much higher where the question narrows the answer
-    set (a spatial question offers two of its task's four answers: prior ~50%, majority ~25%)."""
+    set (a spatial question names its axis, i.e. two of the task's four answers: prior ~50%,
+    majority ~25%)."""
     by: dict[str, list[Sample]] = {}
     for s in samples:
         by.setdefault(question_template(s.question), []).append(s)

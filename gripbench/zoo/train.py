@@ -68,9 +68,6 @@ class TrainConfig:
     attn_layer: int = 2  # LLM layer whose answer-position attention is pulled onto the evidence
     question_layer: int = 1  # LLM layer whose answer-position attention is pulled onto the question
     background_dropout: float = 0.5  # share of conversations whose non-evidence visual tokens are partly hidden
-    # Fixed logit scale of the left/right, top/bottom heads (None: learned, as in the shipped build). With a learned
-    # scale the shipped tokens carry left/right faintly (cosine -0.01 vs 0.09 for top/bottom) and the LLM misses it.
-    half_scale: float | None = None
     # First-turn task of each conversation, in turn. Counting and spatial come twice: attribute,
     # existence and text reach 96-100% validation accuracy by step 1500, counting and spatial
     # were still rising at the end. Every conversation also asks about the other families (extra_turns).
@@ -154,10 +151,8 @@ class AuxHeads(torch.nn.Module):
     Free parameters: a "background" vector and a logit scale per head, and the linear
     row / column / centre heads."""
 
-    def __init__(self, dim: int, embeddings: torch.nn.Embedding | None = None, tokenizer=None, grid: int = 12,
-                 half_scale: float | None = None):
+    def __init__(self, dim: int, embeddings: torch.nn.Embedding | None = None, tokenizer=None, grid: int = 12):
         super().__init__()
-        self.half_scale = half_scale
         self.sizes = (len(COLORS) + 1, len(SHAPES) + 2, len(CHARS) + 1)
         self.embeddings = embeddings
         self.grid = grid
@@ -192,8 +187,7 @@ class AuxHeads(torch.nn.Module):
         cosine logits against the words "left"/"right" and "top"/"bottom": a patch's position
         then reaches the LLM the way its colour does, as a word-like direction it can copy."""
         classes = self.embeddings.weight[self.half_ids[axis]]
-        scale = self.scale[3 + axis] if self.half_scale is None else self.half_scale
-        return scale * F.normalize(feats, dim=-1) @ F.normalize(classes, dim=-1).T
+        return self.scale[3 + axis] * F.normalize(feats, dim=-1) @ F.normalize(classes, dim=-1).T
 
     def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         what = sum(self._balanced(self.logits(feats, i).flatten(0, 1), labels[:, i].flatten()) for i in range(3))
@@ -399,8 +393,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig(), log=print) -> d
     if cfg.attn_weight > 0:  # SDPA returns no attention probabilities (pitfalls.md)
         model.set_attn_implementation({"vision_config": "sdpa", "text_config": "eager"})
     emb = model.model.language_model.embed_tokens
-    heads = AuxHeads(model.config.text_config.hidden_size, emb if cfg.grounded_aux else None, processor.tokenizer,
-                     half_scale=cfg.half_scale)
+    heads = AuxHeads(model.config.text_config.hidden_size, emb if cfg.grounded_aux else None, processor.tokenizer)
     params = list(model.parameters()) + [p for n, p in heads.named_parameters() if not n.startswith("embeddings.")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     def lr_factor(s: int) -> float:  # linear warm-up, then cosine decay to a tenth
