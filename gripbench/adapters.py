@@ -163,6 +163,19 @@ class LlavaAdapter:
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         return q, k, attn.scaling
 
+    def attention(self, layer: int, h: torch.Tensor, queries: torch.Tensor, positions: torch.Tensor,
+                  key_mask: torch.Tensor) -> torch.Tensor:
+        """[B, H, Q, T] attention probabilities of the `queries` slots ([B, Q]) at `layer`, from
+        the layer's input `h` [B, T, D]: eager attention's numbers (causal mask and `key_mask`
+        [B, T] applied, softmax in fp32) for just the rows asked for, so the model itself keeps
+        its fast attention kernel and nothing materialises the T x T maps of every layer."""
+        q, k, scaling = self.query_key(layer, h, queries, positions)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q @ k.transpose(-1, -2)).float() * scaling
+        slots = torch.arange(h.shape[1], device=h.device)
+        allowed = (slots[None, None, :] <= queries[..., None]) & key_mask.bool()[:, None, :]
+        return torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.lm.norm(h))
 

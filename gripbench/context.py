@@ -91,14 +91,7 @@ class PruneContext:
         h = self.hidden if layer == self.layer else self.prev_hidden
         if h is None or layer not in (self.layer, self.layer - 1) or layer >= self.info.num_layers:
             raise ValueError(f"attention is available at layers {self.layer - 1} and {self.layer} only")
-        q, k, scaling = self.adapter.query_key(layer, h, queries, self.positions)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = (q @ k.transpose(-1, -2)).float() * scaling
-        t = h.shape[1]
-        slots = torch.arange(t, device=h.device)
-        allowed = (slots[None, None, :] <= queries[..., None]) & self.key_mask[:, None, :]
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        return torch.softmax(scores, dim=-1)
+        return self.adapter.attention(layer, h, queries, self.positions, self.key_mask)
 
     def generator(self, row: int) -> torch.Generator:
         """A CPU generator for one row, seeded from the method's seed and the row's content:

@@ -93,3 +93,39 @@ def test_training_is_deterministic(tmp_path):
     logs = [(tmp_path / r / "train_log.jsonl").read_text().splitlines() for r in ("a", "b")]
     strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in lines]  # noqa: E731
     assert strip(logs[0]) == strip(logs[1])
+
+
+def test_training_attention_rows_equal_eager():
+    """The attention losses read rows recomputed from q/k under SDPA; they must be eager
+    attention's probabilities (with hidden background tokens masked), and give the same
+    gradients as a loss on `output_attentions`."""
+    from gripbench.tasks.suite import extra_questions
+    from gripbench.zoo.train import answer_attention, answer_positions, encode, evidence_attention_loss, hide_background, layer_inputs
+
+    processor = build_processor()
+    model = build_model(processor.tokenizer, seed=3)
+    samples = [make_sample(t, "train", i) for i, t in enumerate(list(TASKS)[:3])]
+    extra = [extra_questions(s, 2, 0) for s in samples]
+    batch = encode(processor, samples, with_answers=True, extra=extra)
+    evidence = [[s.evidence] + [e for _, _, e in ex] for s, ex in zip(samples, extra)]
+    batch["attention_mask"] = hide_background(batch["attention_mask"], batch["input_ids"], model.config.image_token_id,
+                                              evidence, 1.0, torch.Generator().manual_seed(0))
+    assert (batch["attention_mask"] == 0).any()
+    positions = answer_positions(batch["labels"])
+    inputs = {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask")}
+    grads = {}
+    for impl in ("eager", "sdpa"):
+        model.set_attn_implementation({"vision_config": "sdpa", "text_config": impl})
+        model.zero_grad()
+        with layer_inputs(model, [2]) as hidden:
+            out = model(**inputs, output_attentions=impl == "eager")
+        if impl == "eager":
+            width = max(len(p) for p in positions)
+            ref = torch.stack([out.attentions[2][b, :, p + [0] * (width - len(p))] for b, p in enumerate(positions)])
+        rows = answer_attention(model, 2, hidden[2], positions, batch["attention_mask"])
+        assert (rows - ref).abs().max() < 1e-5
+        attn = ref if impl == "eager" else rows
+        evidence_attention_loss(attn, batch["input_ids"], model.config.image_token_id, positions, evidence).backward()
+        grads[impl] = model.model.language_model.layers[2].self_attn.q_proj.weight.grad.clone()
+    assert grads["sdpa"].abs().max() > 0
+    assert torch.allclose(grads["sdpa"], grads["eager"], rtol=1e-3, atol=1e-6)
