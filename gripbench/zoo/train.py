@@ -368,7 +368,7 @@ def answer_attention(model, layer: int, hidden: torch.Tensor, positions: list[li
     Why not `output_attentions`: that needs eager attention in every layer and keeps 8 full
     [B, H, T, T] maps for backward, while the losses read 2 layers and ~5 rows per
     conversation; SDPA everywhere plus these rows made a training step ~20% cheaper. The
-    rows are eager attention's numbers (same q/k, RoPE and masks; test_train checks it), so
+    rows are eager attention's numbers (same q/k, RoPE and masks; tests/test_zoo.py checks it), so
     the gradients are those of the eager loss."""
     from gripbench.adapters import LlavaAdapter
 
