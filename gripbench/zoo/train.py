@@ -384,7 +384,8 @@ def training_step(model, heads: AuxHeads, batch: dict, aux: torch.Tensor, aux_we
     grounded = attn_weight > 0 and evidence is not None
     n = model.config.text_config.num_hidden_layers
     attn_layer %= n
-    layers = [attn_layer] + ([question_layer % n] if question_layer is not None else []) if grounded else []
+    question_layer = None if question_layer is None else question_layer % n
+    layers = [attn_layer] + ([] if question_layer is None else [question_layer]) if grounded else []
     with layer_inputs(model, layers) as hidden:
         out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1].float()
@@ -401,7 +402,7 @@ def training_step(model, heads: AuxHeads, batch: dict, aux: torch.Tensor, aux_we
         attn_loss = evidence_attention_loss(attn, batch["input_ids"], model.config.image_token_id, positions, evidence)
         if question_layer is not None:
             spans = question_spans(batch["input_ids"], positions, tokenizer, model.config.image_token_id)
-            attn = answer_attention(model, question_layer % n, hidden[question_layer % n], positions, mask)
+            attn = answer_attention(model, question_layer, hidden[question_layer], positions, mask)
             attn_loss = attn_loss + span_attention_loss(attn, spans)
         loss = loss + attn_weight * attn_loss
     return loss, answer_loss.detach(), aux_loss.detach(), attn_loss.detach()
