@@ -5,6 +5,8 @@ Every function takes pandas frames with the columns of design.md's result schema
 (`cells.parquet`: one row per cell; `samples.parquet`: one row per sample per cell) and
 returns a new frame; nothing here reads files or draws. "Overall" rows average the tasks
 (macro average of accuracy and of cost), the way pruning papers report an average column.
+A folder may hold several seeds (or limits) of one cell: `key` keeps them apart, and
+`mean_over_seeds` folds them into one row for the tables and plots.
 """
 
 from __future__ import annotations
@@ -14,8 +16,28 @@ import pandas as pd
 from scipy.stats import binomtest
 
 COST_AXES = ("flops_total", "latency_prefill_ms", "tokens_llm_input")
-KEY = ["model", "task", "method", "method_params", "budget"]
+KEY = ["model", "task", "method", "method_params", "budget", "limit", "seed"]
+RUN = ["limit", "seed"]  # not in results written before these columns existed
 OVERALL = "overall"
+
+
+def key(cells: pd.DataFrame) -> list[str]:
+    """The columns of KEY that `cells` has: what tells one cell from another."""
+    return [c for c in KEY if c in cells]
+
+
+def mean_over_seeds(cells: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell but its seed: numeric columns averaged over the seeds (accuracy, CI
+    bounds, costs), the others taken from the first seed, `n_seeds` counting them. Unchanged
+    (no `n_seeds`) with a single seed."""
+    if "seed" not in cells or cells["seed"].nunique(dropna=False) < 2:
+        return cells
+    group = [c for c in key(cells) if c != "seed"]
+    rest = [c for c in cells.columns if c not in group and c != "seed"]
+    numeric = [c for c in rest if pd.api.types.is_numeric_dtype(cells[c]) and not pd.api.types.is_bool_dtype(cells[c])]
+    grouped = cells.groupby(group, dropna=False, sort=False)
+    out = grouped[numeric].mean().join(grouped[[c for c in rest if c not in numeric]].first())
+    return out.assign(n_seeds=grouped.size()).reset_index()[[*group, *rest, "n_seeds"]]
 
 
 def bootstrap_ci(correct: np.ndarray, seed: int = 0, n: int = 1000, level: float = 0.95) -> tuple[float, float]:
@@ -36,7 +58,7 @@ def with_overall(cells: pd.DataFrame) -> pd.DataFrame:
     tasks = cells["task"].nunique()
     if tasks < 2:
         return cells.copy()
-    group = ["model", "method", "method_params", "budget"]
+    group = [c for c in key(cells) if c != "task"]
     numeric = [c for c in cells.columns if c not in KEY and pd.api.types.is_numeric_dtype(cells[c])]
     grouped = cells.groupby(group, dropna=False)
     overall = grouped[numeric].mean().reset_index()
@@ -46,13 +68,15 @@ def with_overall(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def ratio_to_none(cells: pd.DataFrame, column: str) -> pd.Series:
-    """Each cell's `column` divided by that of the `none` cell of its (model, task) in the same
-    table; NaN where `none` (or the column) is absent."""
+    """Each cell's `column` divided by that of the `none` cell of its (model, task, limit,
+    seed) in the same table; NaN where `none` (or the column) is absent or zero: a ratio to
+    nothing is undefined, not infinite."""
     if column not in cells:
         return pd.Series(np.nan, index=cells.index)
-    ref = cells[cells["method"] == "none"].groupby(["model", "task"])[column].first()
-    base = pd.Series([ref.get((m, t), np.nan) for m, t in zip(cells["model"], cells["task"])], index=cells.index)
-    return cells[column] / base
+    by = ["model", "task", *[c for c in RUN if c in cells]]
+    none = cells.loc[cells["method"] == "none", [*by, column]].drop_duplicates(by).rename(columns={column: "_base"})
+    base = cells[by].merge(none, on=by, how="left")["_base"].to_numpy(float)
+    return cells[column] / np.where(base == 0, np.nan, base)
 
 
 def retention(cells: pd.DataFrame) -> pd.Series:
@@ -188,11 +212,13 @@ def paired(samples: pd.DataFrame, hash_a: str, hash_b: str) -> tuple[np.ndarray,
 
 
 def significance(cells: pd.DataFrame, samples: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
-    """Each method versus the best *other* method at the same (model, task, budget): accuracy
-    difference and McNemar p on per-sample correctness. `none` is left out (it has no budget)."""
+    """Each method versus the best *other* method at the same (model, task, budget), within one
+    seed (and limit): accuracy difference and McNemar p on per-sample correctness. `none` is
+    left out (it has no budget)."""
     rows = []
+    run = [c for c in RUN if c in cells]
     data = cells[cells["method"] != "none"]
-    for (model, task, budget), g in data.groupby(["model", "task", "budget"]):
+    for (model, task, budget, *_), g in data.groupby(["model", "task", "budget", *run], dropna=False):
         for _, row in g.iterrows():
             others = g[g["method"] != row["method"]]
             if others.empty:
@@ -200,19 +226,21 @@ def significance(cells: pd.DataFrame, samples: pd.DataFrame, alpha: float = 0.05
             best = others.loc[others["accuracy"].idxmax()]
             a, b = paired(samples, row["config_hash"], best["config_hash"])
             p = mcnemar(a, b) if len(a) else float("nan")
-            rows.append({"model": model, "task": task, "budget": budget, "method": row["method"],
+            rows.append({"model": model, "task": task, **{c: row[c] for c in run}, "budget": budget, "method": row["method"],
                          "best_other": best["method"], "diff": float(row["accuracy"] - best["accuracy"]),
                          "n_paired": len(a), "p_value": p, "significant": bool(p < alpha)})
-    return pd.DataFrame(rows, columns=["model", "task", "budget", "method", "best_other", "diff", "n_paired",
+    return pd.DataFrame(rows, columns=["model", "task", *run, "budget", "method", "best_other", "diff", "n_paired",
                                        "p_value", "significant"])
 
 
 def summary_table(cells: pd.DataFrame) -> pd.DataFrame:
     """The papers' table: one row per (method, budget), one accuracy and one retention column
-    per task plus the overall average. `none` appears once, at budget 1."""
+    per task plus the overall average. `none` appears once, at budget 1. Retention is NaN
+    without `none` or where its accuracy is 0, and keeps its column then."""
     data = with_overall(cells)
     data = data.assign(retention=retention(data))
     acc = data.pivot_table(index=["method", "budget"], columns="task", values="accuracy", aggfunc="first")
     ret = data.pivot_table(index=["method", "budget"], columns="task", values="retention", aggfunc="first")
+    ret = ret.reindex(index=acc.index, columns=acc.columns)
     table = pd.concat({"accuracy": acc, "retention": ret}, axis=1)
     return table.sort_index(level=["budget", "method"], ascending=[False, True])

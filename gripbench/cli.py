@@ -31,6 +31,9 @@ def _cmd_zoo(args) -> int:
     if args.action == "verify":
         import json
 
+        if args.limit < 1:
+            raise GripbenchError("--limit must be at least 1")
+
         from gripbench.engine import Engine
         from gripbench.testbed import measure
         from gripbench.zoo import load
@@ -65,7 +68,7 @@ def _cmd_sweep(args) -> int:
     from gripbench.sweep import run_sweep
 
     res = run_sweep(model=args.model, methods=args.methods, tasks=args.tasks, budgets=args.budgets, limit=args.limit,
-                    out=args.out, seed=args.seed, executor=args.executor, batch_size=args.batch_size)
+                    out=args.out, seed=args.seed, executor=args.executor, batch_size=args.batch_size, verbose=args.verbose)
     rate = res.ran / (res.seconds / 60) if res.seconds > 0 else 0.0
     print(f"{res.ran} cells run, {res.skipped} already finished, in {res.seconds / 60:.1f} min "
           f"({rate:.1f} cells/min); results in {res.out}")
@@ -79,22 +82,40 @@ def _cmd_train(args) -> int:
     from gripbench.engine import Engine
     from gripbench.grip.method import WEIGHTS, load_scorer
     from gripbench.grip.train import ScorerTrainConfig, train_dynamicvit, train_grpo, train_warmup
+    from gripbench.store import disk_error
     from gripbench.zoo import load
 
     cfg = ScorerTrainConfig(seed=args.seed)
     if args.steps is not None:
+        if args.steps < 1:
+            raise GripbenchError("--steps must be at least 1")
         key = {"warmup": "warmup_steps", "grip": "grpo_steps", "dynamicvit": "dynamicvit_steps"}[args.what]
         cfg = replace(cfg, **{key: args.steps})
     out = Path(args.out or f"results/train-{args.what}")
+    if out.exists() and not out.is_dir():
+        raise GripbenchError(f"--out {out} is a file: give a folder for the scorer and its log")
+    ref = None
+    if args.what == "grip":
+        if args.reference:  # a reference named by the user must exist: never fall back silently
+            ref = Path(args.reference)
+            if not ref.is_file():
+                raise GripbenchError(f"--reference {ref} does not exist (the warm-up scorer GRPO starts from)")
+        else:
+            ref = out / "grip-warmup.safetensors"
+            if not ref.exists() and args.model == "embedded":
+                ref = WEIGHTS / "grip-warmup.safetensors"
+            if not ref.exists():
+                raise GripbenchError(f"no warm-up scorer at {ref}: run `gripbench train warmup` first or pass --reference")
     engine = Engine(*load(args.model))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, f"--out {out}") from None
     if args.what == "warmup":
         train_warmup(engine, cfg, out)
     elif args.what == "dynamicvit":
         train_dynamicvit(engine, cfg, out)
     else:
-        ref = Path(args.reference) if args.reference else out / "grip-warmup.safetensors"
-        if not ref.exists() and args.model == "embedded":
-            ref = WEIGHTS / "grip-warmup.safetensors"
         train_grpo(engine, cfg, out, load_scorer(str(ref)))
     print(f"scorer and training log written to {out}")
     return 0
@@ -116,25 +137,26 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from gripbench.check import Tolerances, compare, failed, load_config, parse_tolerance, render
+    from gripbench.check import Tolerances, compare, failed, load_config, parse_tolerance, render, rules, set_tolerance
 
     tol = load_config(args.config) if args.config else Tolerances()
-    cli = ",".join(f"{k}:{v}" for k, v in (("acc", args.acc_tol), ("latency_ratio", args.latency_tol),
-                                            ("alpha", args.alpha)) if v is not None)
-    tol = parse_tolerance(",".join(filter(None, [cli, args.tolerance or ""])), tol)
-    if args.fail_on_missing:
-        tol = Tolerances(tol.acc, tol.latency_ratio, tol.alpha, True)
+    for name, value in (("acc", args.acc_tol), ("latency_ratio", args.latency_tol), ("alpha", args.alpha),
+                        ("latency_gate", args.latency_gate), ("fail_on_missing", "true" if args.fail_on_missing else None)):
+        if value is not None:
+            tol = set_tolerance(tol, name, value)
+    tol = parse_tolerance(args.tolerance or "", tol)
     findings = compare(args.results, args.reference, tol)
-    print(render(findings))
+    print(render(findings, tol))
     bad = failed(findings, tol)
-    print(f"check {'FAILED' if bad else 'passed'} (acc tolerance -{tol.acc:g} with McNemar p < {tol.alpha:g}, "
-          f"FLOPs exact, latency ratio +{tol.latency_ratio:.0%})")
+    print(f"check {'FAILED' if bad else 'passed'} ({rules(tol)})")
     return 1 if bad else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gripbench", description="Benchmark visual-token pruning methods for VLMs: "
                                 "accuracy, FLOPs and latency for every method x budget x task.")
+    p.add_argument("--version", action=_Version, help="print the versions that can change a result, and whether they "
+                   "match gripbench/lock.txt")
     sub = p.add_subparsers(dest="command", required=True)
 
     tasks = sub.add_parser("tasks", help="list the embedded tasks")
@@ -166,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--executor", default="local", choices=["local", "ray"])
     sw.add_argument("--batch-size", type=int, default=32)
     sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--verbose", action="store_true", help="show lmms-eval's logs and per-task progress bars")
     sw.set_defaults(fn=_cmd_sweep)
 
     rp = sub.add_parser("report", help="write a self-contained HTML report of a results folder")
@@ -177,10 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="regression gates: compare a results folder with a reference (exit 1 on regression)")
     ck.add_argument("results")
     ck.add_argument("--reference", required=True)
-    ck.add_argument("--acc-tol", help="largest accuracy drop that is not a regression, e.g. -0.02 (default 0.02)")
+    ck.add_argument("--acc-tol", help="largest accuracy drop that is not a regression, e.g. -0.02 or --acc-tol=-2%% "
+                    "(default 0.02)")
     ck.add_argument("--latency-tol", help="largest growth of the latency ratio to none, e.g. +10%% (default 25%%)")
-    ck.add_argument("--alpha", help="significance level of the paired McNemar test (default 0.05)")
-    ck.add_argument("--tolerance", help="all at once, e.g. acc:-0.02,latency_ratio:+10%%")
+    ck.add_argument("--alpha", help="significance level of McNemar (accuracy) and Mann-Whitney (latency runs) (default 0.05)")
+    ck.add_argument("--latency-gate", metavar="{fail,warn}",
+                    help="fail (default): a significant latency regression fails; warn: it is reported as slower")
+    ck.add_argument("--tolerance", help="all at once, e.g. acc:-0.02,latency_ratio:+10%%,min_cpu_share:0.8,latency_gate:warn")
     ck.add_argument("--config", help="TOML file with a [check] table of tolerances (the command line wins)")
     ck.add_argument("--fail-on-missing", action="store_true", help="a reference cell missing from the results fails")
     ck.set_defaults(fn=_cmd_check)
@@ -206,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from gripbench.versions import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -215,9 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     except GripbenchError as e:
         print(f"gripbench: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("gripbench: interrupted; finished results on disk are kept", file=sys.stderr)
+    except OSError as e:  # the user's filesystem: read-only, full, a file where a folder belongs
+        from gripbench.store import disk_error
+
+        print(f"gripbench: error: {disk_error(e, e.filename or 'a file')}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # 128 + SIGINT, as shells report it; not the bad-input status
+        print("gripbench: interrupted; finished results on disk are kept", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ class Engine:
             if bias is not None:
                 mask = mask + bias
             prev_hidden = st.hidden
-            st.hidden = layer(st.hidden, attention_mask=mask, position_ids=st.positions, past_key_values=cache,
+            st.hidden = layer(st.hidden, attention_mask=mask, position_ids=st.positions, cache=cache,
                               use_cache=True, position_embeddings=cos_sin)
         if timings is not None:
             timings["scorer"] = timings.get("scorer", 0.0) + scorer_s
@@ -240,7 +240,7 @@ class Engine:
         for i, layer in enumerate(self.adapter.layers):
             key_masks[i] = torch.cat([key_masks[i], ones], dim=1)
             mask = self._mask(key_masks[i], 1, h.dtype)
-            h = layer(h, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+            h = layer(h, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                       position_embeddings=cos_sin)
         return self.adapter.logits(h)[:, -1]
 

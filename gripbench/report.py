@@ -6,16 +6,23 @@ axes, iso-accuracy speedups, area under the curve, paired significance, latency
 breakdown, token-selection gallery, GRIP training curves, run metadata. Every number
 comes from `gripbench.analysis`; this module only lays them out.
 
-Works on any results folder: a subset of methods or tasks, one task, a real lmms-eval
-task (the gallery needs images and evidence, so it appears only for embedded tasks).
+Works on any results folder: a subset of methods or tasks, one task, one method, no
+`none` or a `none` at 0% accuracy (retention is then undefined and shown as "–"), a real
+lmms-eval task (the gallery needs images and evidence, so it appears only for embedded
+tasks), several seeds (tables and plots show the mean over seeds of each cell, the
+significance tests stay within a seed, and the page says so). The page is written
+atomically, so a failed write leaves the previous report whole.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +232,8 @@ def iso_html(cells: pd.DataFrame) -> str:
     speedup over every other method at that target."""
     data = analysis.with_overall(cells)
     data = data[data["task"] == (analysis.OVERALL if analysis.OVERALL in set(data["task"]) else data["task"].iloc[0])]
+    if not analysis.retention(data).notna().any():
+        return "<p class=note>Needs the unpruned model's cells (method `none`, accuracy above 0): retention is undefined.</p>"
     parts = []
     for cost in ("flops_total", "latency_prefill_ms"):
         iso = analysis.iso_accuracy(data, cost)
@@ -258,17 +267,19 @@ def build_report(results: str | Path, budget: float = 0.25) -> str:
     if not results.is_dir():
         raise GripbenchError(f"results folder {results} does not exist")
     store = ResultsStore(results)
-    cells, samples = store.cells(), store.samples()
-    if cells.empty:
+    runs, samples = store.cells(), store.samples()
+    if runs.empty:
         raise GripbenchError(f"{results} holds no finished cells")
+    cells = analysis.mean_over_seeds(runs)
+    seeds = sorted(runs["seed"].unique()) if "n_seeds" in cells else []
     manifest = json.loads((results / "manifest.json").read_text()) if (results / "manifest.json").exists() else {}
     colors = method_colors(list(cells["method"].unique()))
     budgets = sorted(cells.loc[cells["method"] != "none", "budget"].unique())
     focus = min(budgets, key=lambda b: abs(b - budget)) if budgets else 1.0
 
     pareto = [(cost, pareto_figure(cells, cost, colors)) for cost in AXES if cost in cells and cells[cost].notna().any()]
-    sig = analysis.significance(cells, samples)
-    sig = sig[sig["budget"] == focus] if not sig.empty else sig
+    sig = analysis.significance(runs, samples)
+    sig = sig[sig["budget"] == focus].drop(columns=[c for c in analysis.RUN if c in sig and (c != "seed" or not seeds)])
     auc = analysis.normalized_auc(analysis.with_overall(cells))
     tables = [
         ("Iso-accuracy speedups", iso_html(cells)),
@@ -276,7 +287,7 @@ def build_report(results: str | Path, budget: float = 0.25) -> str:
          "the unpruned model's, over the span every method covers (1.0 = no loss at any cost).</p>"
          + (frame_html(auc.pivot_table(index="method", columns="task", values="auc").reset_index()) if not auc.empty else "")),
         (f"Paired significance at budget {focus:g}", "<p class=note>Each method vs the best other method on the same "
-         "samples: accuracy difference and exact McNemar p (significant: p &lt; 0.05).</p>"
+         f"samples{', within each seed' if seeds else ''}: accuracy difference and exact McNemar p (significant: p &lt; 0.05).</p>"
          + (frame_html(sig.drop(columns=["model", "budget"]), pct=["diff"]) if not sig.empty else "")),
     ]
     others = []
@@ -285,11 +296,15 @@ def build_report(results: str | Path, budget: float = 0.25) -> str:
     train_fig = training_figure(training_logs(results))
     if train_fig is not None:
         others.append(("Scorer training", train_fig))
-    gallery = gallery_html(cells, samples, focus)
+    gallery = gallery_html(runs[runs["seed"] == seeds[0]] if seeds else runs, samples, focus)
 
     body = [f"<h1>gripbench report: {html.escape(results.name)}</h1>",
-            f"<p class=note>{len(cells)} cells, {cells['method'].nunique()} methods, {cells['task'].nunique()} tasks, "
+            f"<p class=note>{len(runs)} cells, {cells['method'].nunique()} methods, {cells['task'].nunique()} tasks, "
             f"budgets {', '.join(f'{b:g}' for b in sorted(cells['budget'].unique(), reverse=True))}.</p>"]
+    if seeds:
+        body.append(f"<p class=note>{len(seeds)} seeds ({', '.join(str(s) for s in seeds)}): every table and plot "
+                    "shows each (model, task, method, params, budget) cell as the mean over its seeds (accuracy, "
+                    "CI bounds, costs); the significance tests pair cells within a seed.</p>")
     plotly_js = [True]  # plotly.js is inlined once, in the first figure
 
     def figure(fig: go.Figure) -> str:
@@ -305,15 +320,43 @@ def build_report(results: str | Path, budget: float = 0.25) -> str:
     body += [f"<h2>{title}</h2>{figure(f)}" for title, f in others]
     if gallery:
         body.append(f"<h2>Token selection at budget {focus:g}</h2><p class=note>Kept patches shown, dropped ones "
-                    f"dimmed; red outlines: the question's evidence patches.</p>{gallery}")
-    body.append(f"<h2>Run metadata</h2>{metadata_html(cells, manifest)}")
+                    f"dimmed; red outlines: the question's evidence patches{f' (seed {seeds[0]})' if seeds else ''}.</p>"
+                    f"{gallery}")
+    body.append(f"<h2>Run metadata</h2>{metadata_html(runs, manifest)}")
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>gripbench report</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
 
 
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Write a temporary file beside `path`, fsync it and rename it over `path`; on any
+    failure remove the temporary file, so `path` is the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def write_report(results: str | Path, out: str | Path | None = None, budget: float = 0.25) -> Path:
-    text = build_report(results, budget)
     out = Path(out) if out else Path("reports") / f"{Path(results).name}.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    if out.is_dir():
+        raise GripbenchError(f"report output {out} is a folder: name the HTML file, e.g. {out / 'report.html'}")
+    text = build_report(results, budget)
+    try:
+        replace_atomically(out, text.encode("utf-8"))
+    except OSError as e:
+        reason = "a file is in the way of its folder" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror or e
+        raise GripbenchError(f"cannot write report {out}: {reason}") from None
     return out

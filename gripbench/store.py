@@ -2,19 +2,28 @@
 
 Layout (design.md): `cells.parquet` (one row per sweep cell), `samples.parquet` (one row
 per sample per cell) and `manifest.json`, plus `cells.d/<config_hash>.parquet` and
-`samples.d/<config_hash>.parquet`, one pair per finished cell.
+`samples.d/<config_hash>.parquet`, one pair per finished cell. The per-cell files are the
+truth; the merged files are rebuilt from them (`consolidate`) at the end of every
+successful sweep, so after any successful command they hold exactly the finished cells,
+even if an earlier sweep was killed while merging.
 
 Durability: a cell is written to a temporary file in the same folder, fsync'ed and
 renamed into `cells.d/` (rename is atomic on POSIX), samples first and the cell row
-last, so a cell row on disk always has its samples. The consolidated `cells.parquet` /
-`samples.parquet` are rebuilt from the per-cell files the same way after every cell.
-A sweep killed at any instant leaves only whole files; two sweeps writing one folder at
-once each add their own cell files and never edit another's. A stray temporary file is
-ignored; a corrupt or foreign parquet file is reported by name and nothing is deleted.
+last, so a cell row on disk always has its samples, and a cell counts as finished only
+when both files exist. A sweep killed at any instant leaves only whole files; two sweeps
+writing one folder at once each add their own cell files and never edit another's.
+Temporary files carry their writer's pid and are removed once that process is gone.
+A corrupt or foreign parquet file is reported by name and nothing is deleted.
+
+A sweep writes only into a folder that is new, empty, or a gripbench results folder: a
+folder holding merged results without per-cell files (a committed reference, results
+copied from elsewhere) is imported into per-cell files first, so nothing in it is lost;
+any other folder is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -26,15 +35,41 @@ import pyarrow.parquet as pq
 
 from gripbench.errors import GripbenchError
 
-CELLS, SAMPLES = "cells.d", "samples.d"
+CELLS, SAMPLES, MANIFEST = "cells.d", "samples.d", "manifest.json"
+MERGED_CELLS, MERGED_SAMPLES = "cells.parquet", "samples.parquet"
 IDENTITY = ["model", "task", "method", "method_params", "budget", "limit", "seed"]
+CELL_COLUMNS = ["config_hash", *IDENTITY, "accuracy"]
+SAMPLE_COLUMNS = ["config_hash", "sample_id", "correct"]
 
 
-def _atomic_write(table: pa.Table, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def disk_error(e: OSError, what: str) -> GripbenchError:
+    """One line for a filesystem failure (read-only, full, permission, a file in the way)."""
+    reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+              errno.EACCES: "permission denied", errno.ENOTDIR: "a path component is a file, not a folder",
+              errno.EEXIST: "a file is in the way"}.get(e.errno, e.strerror or str(e))
+    return GripbenchError(f"cannot write {what}: {reason} ({e.filename or what})")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write `path` through `write(binary_file)` into a temporary file beside it, fsync, rename.
+    On any failure (a full disk included) the previous file is untouched and the temporary
+    file removed. The temporary name carries the pid, so `clean_temporaries` can tell a live
+    writer's file from a dead one's."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,6 +77,25 @@ def _atomic_write(table: pa.Table, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+def clean_temporaries(folder: Path) -> int:
+    """Remove temporary files left by writers that no longer run; returns how many."""
+    removed = 0
+    for p in list(folder.glob(".*.tmp")) + list(folder.glob("*/.*.tmp")):
+        parts = p.name.rsplit(".", 3)  # .<name>.<pid>.<random>.tmp
+        try:
+            pid = int(parts[-3])
+        except (IndexError, ValueError):
+            pid = -1
+        if pid <= 0 or not _pid_alive(pid):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _read(path: Path, required: list[str]) -> pd.DataFrame:
@@ -59,13 +113,55 @@ class ResultsStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    # ---- opening for writing --------------------------------------------------------------
+    def check_writable(self) -> list[str]:
+        """Refuse a folder this store may not write into, before anything is written. Returns
+        what must happen first: ["import"] for merged results without per-cell files."""
+        root = self.root
+        for parent in [root, *root.parents]:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise GripbenchError(f"--out {root}: {parent} is a file, not a folder")
+                if not os.access(parent, os.W_OK):
+                    raise GripbenchError(f"--out {root}: cannot write into {parent} (read-only or no permission)")
+                break
+        if not root.is_dir():
+            return []
+        entries = [p.name for p in root.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp"))]
+        if not entries or (root / CELLS).is_dir():
+            return []
+        if (root / MERGED_CELLS).exists():
+            self._merged_cells(), self._merged_samples()  # foreign or corrupt: one line naming the file
+            return ["import"]
+        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise GripbenchError(f"--out {root} holds files gripbench did not write ({shown}); "
+                             "choose a new or empty folder, or a gripbench results folder to resume")
+
     def create(self) -> ResultsStore:
-        if self.root.exists() and not self.root.is_dir():
-            raise GripbenchError(f"--out {self.root} exists and is not a folder")
-        (self.root / CELLS).mkdir(parents=True, exist_ok=True)
-        (self.root / SAMPLES).mkdir(parents=True, exist_ok=True)
+        """Make the folder ready for cells: per-cell folders, merged-only results imported,
+        dead writers' temporary files removed. Call `check_writable` first to fail early."""
+        todo = self.check_writable()
+        try:
+            (self.root / CELLS).mkdir(parents=True, exist_ok=True)
+            (self.root / SAMPLES).mkdir(parents=True, exist_ok=True)
+            clean_temporaries(self.root)
+            if "import" in todo:
+                self._import_merged()
+        except OSError as e:
+            raise disk_error(e, f"results folder {self.root}") from None
         return self
 
+    def _import_merged(self) -> None:
+        """Split merged `cells.parquet` / `samples.parquet` into per-cell files (samples first)."""
+        cells, samples = self._merged_cells(), self._merged_samples()
+        by_hash = dict(tuple(samples.groupby("config_hash", sort=False)))
+        for _, row in cells.iterrows():
+            h = row["config_hash"]
+            if h in by_hash:
+                _write_table(pa.Table.from_pandas(by_hash[h], preserve_index=False), self.root / SAMPLES / f"{h}.parquet")
+            _write_table(pa.Table.from_pandas(pd.DataFrame([row]), preserve_index=False), self.root / CELLS / f"{h}.parquet")
+
+    # ---- writing --------------------------------------------------------------------------
     def finished(self) -> set[str]:
         """config_hash of every cell whose row and samples are both on disk."""
         cells = {p.stem for p in (self.root / CELLS).glob("*.parquet")}
@@ -73,38 +169,79 @@ class ResultsStore:
         return cells & samples
 
     def add(self, cell: dict, samples: pd.DataFrame) -> None:
-        """Persist one finished cell (samples first, then the row), then refresh the merged files."""
+        """Persist one finished cell: samples first, then the row (a row on disk always has its
+        samples). The merged files are rebuilt by `consolidate`, once per command."""
         h = cell["config_hash"]
-        _atomic_write(pa.Table.from_pandas(samples.assign(config_hash=h), preserve_index=False),
-                      self.root / SAMPLES / f"{h}.parquet")
-        _atomic_write(pa.Table.from_pandas(pd.DataFrame([cell]), preserve_index=False), self.root / CELLS / f"{h}.parquet")
-        self.consolidate()
-
-    def _load(self, folder: str, merged: str, required: list[str], what: str) -> pd.DataFrame:
-        """Rows from the per-cell files in `folder`, or from `merged` for a folder without them."""
-        files = sorted((self.root / folder).glob("*.parquet"))
-        if not files:
-            path = self.root / merged
-            if not path.exists():
-                raise GripbenchError(f"{self.root} holds no gripbench {what} (no {merged})")
-            return _read(path, required)
-        return pd.concat([_read(p, required) for p in files], ignore_index=True)
-
-    def cells(self) -> pd.DataFrame:
-        """All finished cells."""
-        return self._load(CELLS, "cells.parquet", ["config_hash", *IDENTITY, "accuracy"], "results")
-
-    def samples(self) -> pd.DataFrame:
-        """All per-sample rows."""
-        return self._load(SAMPLES, "samples.parquet", ["config_hash", "sample_id", "correct"], "per-sample results")
+        try:
+            _write_table(pa.Table.from_pandas(samples.assign(config_hash=h), preserve_index=False),
+                         self.root / SAMPLES / f"{h}.parquet")
+            _write_table(pa.Table.from_pandas(pd.DataFrame([cell]), preserve_index=False), self.root / CELLS / f"{h}.parquet")
+        except OSError as e:
+            raise disk_error(e, f"cell {h} into {self.root}") from None
 
     def consolidate(self) -> None:
+        """Rebuild the merged files from the finished per-cell files (samples first)."""
+        if not (self.root / CELLS).is_dir():
+            return
+        done = self.finished()
+        if not done:
+            return
         cells = self.cells().sort_values(["model", "task", "method", "budget"], kind="stable")
-        _atomic_write(pa.Table.from_pandas(cells, preserve_index=False), self.root / "cells.parquet")
-        _atomic_write(pa.Table.from_pandas(self.samples(), preserve_index=False), self.root / "samples.parquet")
+        try:
+            _write_table(pa.Table.from_pandas(self.samples(), preserve_index=False), self.root / MERGED_SAMPLES)
+            _write_table(pa.Table.from_pandas(cells, preserve_index=False), self.root / MERGED_CELLS)
+            clean_temporaries(self.root)
+        except OSError as e:
+            raise disk_error(e, f"merged results in {self.root}") from None
 
     def write_manifest(self, manifest: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.root / "manifest.json")
+        try:
+            atomic_write(self.root / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
+        except OSError as e:
+            raise disk_error(e, f"{self.root / MANIFEST}") from None
+
+    def manifest(self) -> dict:
+        path = self.root / MANIFEST
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise GripbenchError(f"corrupt manifest {path}: {e}") from None
+        if not isinstance(data, dict):
+            raise GripbenchError(f"corrupt manifest {path}: not a JSON object")
+        return data
+
+    # ---- reading --------------------------------------------------------------------------
+    def _merged_cells(self) -> pd.DataFrame:
+        return _read(self.root / MERGED_CELLS, CELL_COLUMNS)
+
+    def _merged_samples(self) -> pd.DataFrame:
+        path = self.root / MERGED_SAMPLES
+        if not path.exists():
+            raise GripbenchError(f"{self.root} has {MERGED_CELLS} but no {MERGED_SAMPLES}")
+        return _read(path, SAMPLE_COLUMNS)
+
+    def _per_cell(self) -> bool:
+        return (self.root / CELLS).is_dir() and any((self.root / CELLS).glob("*.parquet"))
+
+    def cells(self) -> pd.DataFrame:
+        """All finished cells (per-cell files where present, else the merged file)."""
+        if not self._per_cell():
+            if not (self.root / MERGED_CELLS).exists():
+                raise GripbenchError(f"{self.root} holds no gripbench results (no {MERGED_CELLS})")
+            return self._merged_cells()
+        done = self.finished()
+        rows = [_read(p, CELL_COLUMNS) for p in sorted((self.root / CELLS).glob("*.parquet"))]  # every file is checked
+        rows = [r for r in rows if set(r["config_hash"]) <= done]  # a row whose samples are not on disk is unfinished
+        if not rows:
+            raise GripbenchError(f"{self.root} holds no finished cells")
+        return pd.concat(rows, ignore_index=True)
+
+    def samples(self) -> pd.DataFrame:
+        """All per-sample rows of the finished cells."""
+        if not self._per_cell():
+            return self._merged_samples()
+        done = self.finished()
+        files = sorted(p for p in (self.root / SAMPLES).glob("*.parquet") if p.stem in done)
+        return pd.concat([_read(p, SAMPLE_COLUMNS) for p in files], ignore_index=True)

@@ -14,14 +14,16 @@ One cell = (model, task, method, method params, budget, limit, seed). For each c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
+import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from gripbench.analysis import bootstrap_ci
 from gripbench.errors import GripbenchError, check_budget, unknown
 from gripbench.flops import Arch, cell_flops
 from gripbench.methods import create_method, registry
+from gripbench.versions import environment_versions
 
 DEFAULT_BUDGETS = (1.0, 0.5, 0.25, 0.125, 0.0625)
 LATENCY_BATCH, LATENCY_WARMUP, LATENCY_REPEATS = 8, 2, 5
@@ -60,17 +63,43 @@ def resolve_tasks(tasks: str) -> list[str]:
     from gripbench.lmms.tasks import task_name
     from gripbench.tasks.suite import TASKS
 
-    names = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
-    return [task_name(t) if t in TASKS else t for t in names]
+    names = list(TASKS) if tasks == "all" else _names(tasks, "tasks")
+    return list(dict.fromkeys(task_name(t) if t in TASKS else t for t in names))
+
+
+def parse_budgets(budgets: str | list[float]) -> list[float]:
+    """'1,0.5,0.25' -> [1.0, 0.5, 0.25]: every item a number in (0, 1], duplicates dropped
+    (a budget given twice would run its cells twice)."""
+    items = budgets.split(",") if isinstance(budgets, str) else list(budgets)
+    out: list[float] = []
+    for item in items:
+        try:
+            b = float(str(item).strip())
+        except ValueError:
+            raise GripbenchError(f"bad --budgets {budgets!r}: {str(item).strip() or 'an empty item'!r} is not a number "
+                                 "(expected e.g. 1,0.5,0.25)") from None
+        b = check_budget(b)
+        if b not in out:
+            out.append(b)
+    if not out:
+        raise GripbenchError("--budgets is empty (expected e.g. 1,0.5,0.25)")
+    return out
+
+
+def _names(text: str, what: str) -> list[str]:
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise GripbenchError(f"--{what} is empty (give 'all' or a comma-separated list)")
+    return names
 
 
 def plan(model: str, methods: str, tasks: str, budgets: str | list[float], limit: int | None, seed: int) -> list[Cell]:
-    names = registry().names() if methods == "all" else [m.strip() for m in methods.split(",")]
     known = registry().names()
+    names = known if methods == "all" else _names(methods, "methods")
     for m in names:
         if m not in known:
             raise unknown("method", m, known)
-    bs = [check_budget(float(b)) for b in (budgets.split(",") if isinstance(budgets, str) else budgets)]
+    bs = parse_budgets(budgets)
     cells = []
     for task in resolve_tasks(tasks):
         for m in names:
@@ -104,41 +133,97 @@ def check_tasks(tasks: list[str]) -> None:
             raise unknown("task", t, list(TASKS) + sorted(known))
 
 
+def git_commit() -> str | None:
+    """The commit of the gripbench checkout, with '+dirty' for uncommitted changes; None outside git."""
+    cwd = Path(gripbench.__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=cwd, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("+dirty" if dirty else "")) if commit else None
+
+
 def environment(engine) -> dict:
     import lmms_eval
     import transformers
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(gripbench.__file__).parent, timeout=5).stdout.strip() or None
-    except Exception:
-        commit = None
     cfg = engine.model.config
     cpu = f" ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
+    env = environment_versions()
     return {"device": str(engine.device) + (cpu if engine.device.type == "cpu" else ""),
             "dtype": str(next(engine.model.parameters()).dtype).replace("torch.", ""),
             "attn_implementation": str(cfg.text_config._attn_implementation),
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-            "lmms_eval_version": getattr(lmms_eval, "__version__", "0.7.3"), "gripbench_version": gripbench.__version__,
-            "git_commit": commit}
+            "lmms_eval_version": getattr(lmms_eval, "__version__", None) or env["versions"]["lmms-eval"],
+            "gripbench_version": gripbench.__version__, "git_commit": git_commit(), "lock_match": env["lock_match"]}
+
+
+def quiet_lmms_eval(verbose: bool) -> None:
+    """lmms-eval logs every task's set-up at INFO to stdout (its import installs that sink);
+    a sweep shows one progress bar instead, and lmms-eval's errors."""
+    import lmms_eval.models  # noqa: F401  (installs lmms-eval's sink, which this replaces)
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="INFO" if verbose else "ERROR", format="{time:HH:mm:ss} {level} {name}: {message}")
+
+
+def cpu_share_since(cpu0: float, wall0: float) -> float:
+    """This process's CPU time over (wall time x torch threads) since (cpu0, wall0): about 1
+    when the timed runs had their cores to themselves, lower when other processes took
+    them. `gripbench check` does not gate latency measured on a busy machine (the ratio to
+    `none` itself moves under contention: small pruned kernels wait on shared cores more)."""
+    wall = time.perf_counter() - wall0
+    return (time.process_time() - cpu0) / (wall * torch.get_num_threads()) if wall > 0 else float("nan")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a cell's peak-memory window: CUDA's peak counter, or on Linux the process's
+    resident high-water mark (VmHWM, reset by writing 5 to /proc/self/clear_refs), so each
+    cell records its own peak rather than the process's lifetime maximum."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory(device: torch.device) -> float:
+    """Peak bytes since `reset_peak_memory` (GPU memory on CUDA, resident memory on CPU);
+    NaN where the platform cannot say."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 class Runner:
     """Runs cells on one loaded model; reusable across cells (one engine, one plugin instance)."""
 
-    def __init__(self, model: str, batch_size: int = 32):
+    def __init__(self, model: str, batch_size: int = 32, verbose: bool = False, tasks: list[str] | None = None):
         from lmms_eval.tasks import TaskManager
 
         from gripbench.engine import Engine
         from gripbench.lmms.model import GripbenchLMM
-        from gripbench.lmms.tasks import materialize
+        from gripbench.lmms.tasks import PREFIX, materialize
         from gripbench.zoo import load
 
         self.model_name = model
+        self.verbose = verbose
+        quiet_lmms_eval(verbose)
         self.engine = Engine(*load(model))
         self.lm = GripbenchLMM(engine=self.engine, batch_size=batch_size)
         self.batch_size = batch_size
-        self.include_path = str(materialize())
+        # only the embedded tasks this runner will evaluate are generated (each takes seconds the first time)
+        embedded = None if tasks is None else [t.removeprefix(PREFIX) for t in tasks if t.startswith(PREFIX)]
+        self.include_path = str(materialize(embedded))
         self.tm = TaskManager(include_path=self.include_path, include_defaults=False)
         self._full_tm = None
         self.arch = Arch.from_config(self.engine.model.config)
@@ -146,10 +231,16 @@ class Runner:
         self._latency: dict[tuple, dict] = {}
 
     def task_manager(self, task: str):
-        if task in self.tm.all_tasks:
-            return self.tm
         from lmms_eval.tasks import TaskManager
 
+        from gripbench.lmms.tasks import PREFIX, materialize
+
+        if task in self.tm.all_tasks:
+            return self.tm
+        if task.startswith(PREFIX):  # an embedded task this runner has not generated yet
+            materialize([task.removeprefix(PREFIX)])
+            self.tm = TaskManager(include_path=self.include_path, include_defaults=False)
+            return self.tm
         if self._full_tm is None:  # indexing lmms-eval's ~2,000 stock tasks costs seconds: only when needed
             self._full_tm = TaskManager(include_path=self.include_path)
         if task not in self._full_tm.all_tasks:
@@ -161,9 +252,14 @@ class Runner:
 
         method = create_method(cell.method, budget=cell.budget, seed=cell.seed, **json.loads(cell.method_params))
         self.lm.set_method(method)
-        out = simple_evaluate(model=self.lm, tasks=[cell.task], limit=cell.limit, task_manager=self.task_manager(cell.task),
-                              log_samples=True, batch_size=self.batch_size, random_seed=cell.seed,
-                              numpy_random_seed=cell.seed, torch_random_seed=cell.seed)
+        reset_peak_memory(self.engine.device)
+        with contextlib.ExitStack() as quiet:
+            if not self.verbose:  # lmms-eval's per-task progress bars write to stderr
+                quiet.enter_context(contextlib.redirect_stderr(quiet.enter_context(open(os.devnull, "w"))))
+            out = simple_evaluate(model=self.lm, tasks=[cell.task], limit=cell.limit,
+                                  task_manager=self.task_manager(cell.task), log_samples=True, batch_size=self.batch_size,
+                                  random_seed=cell.seed, numpy_random_seed=cell.seed, torch_random_seed=cell.seed,
+                                  verbosity="INFO" if self.verbose else "ERROR")
         logged = out["samples"][cell.task]
         records = {r["doc_id"]: r for r in self.lm.records}
         rows = []
@@ -195,6 +291,7 @@ class Runner:
                "tokens_layer_avg": float(samples["tokens_layer_avg"].mean()), "tokens_kv": float(samples["tokens_kv"].mean()),
                "evidence_recall": float(samples["evidence_recall"].mean()) if samples["evidence_recall"].notna().any() else np.nan,
                **flops, **self.cached_latency(cell, method, logged), "kv_cache_bytes": float(kv_bytes),
+               "peak_memory_bytes": peak_memory(self.engine.device),
                "batch_size": self.batch_size, **self.env, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return row, samples.drop(columns=["prompt_tokens", "new_tokens", "tokens_llm_input", "tokens_layer_avg", "tokens_kv"])
 
@@ -225,8 +322,6 @@ class Runner:
         batch = e.prepare([doc_to_visual(d)[0] for d in docs], [doc_to_text(d) for d in docs])
         cuda = e.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
         unpruned = create_method("none")
 
         def timed(m) -> dict:
@@ -244,19 +339,21 @@ class Runner:
                     "decode": gen.timings["decode"] / steps, "e2e": t2 - t0}
 
         runs, none_e2e = [], []
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         for rep in range(LATENCY_WARMUP + LATENCY_REPEATS):
             run = timed(method)
             if rep >= LATENCY_WARMUP:  # the method's warm-up runs warm the shared engine for `none` too
                 runs.append(run)
                 none_e2e.append(timed(unpruned)["e2e"] if cell.method != "none" else run["e2e"])
+        cpu_share = cpu_share_since(cpu0, wall0) if not cuda else float("nan")
         med = {k: statistics.median(r[k] for r in runs) * 1e3 for k in runs[0]}
         e2e = sorted(r["e2e"] * 1e3 for r in runs)
-        peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"latency_vision_ms": med["vision"], "latency_scorer_ms": med["scorer"], "latency_prefill_ms": med["prefill"],
                 "latency_decode_ms_per_token": med["decode"], "latency_e2e_ms": med["e2e"],
                 "latency_e2e_p10_ms": float(np.percentile(e2e, 10)), "latency_e2e_p90_ms": float(np.percentile(e2e, 90)),
                 "latency_none_e2e_ms": statistics.median(none_e2e) * 1e3,
-                "latency_batch_size": len(docs), "peak_memory_bytes": float(peak)}
+                "latency_ratio_runs": [r["e2e"] / n for r, n in zip(runs, none_e2e)],
+                "latency_cpu_share": cpu_share, "latency_batch_size": len(docs)}
 
 
 @dataclass
@@ -270,38 +367,90 @@ class SweepResult:
 
 def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all", budgets=DEFAULT_BUDGETS,
               limit: int | None = None, out: str | Path | None = None, seed: int = 0, executor: str = "local",
-              batch_size: int = 32, progress: bool = True) -> SweepResult:
-    """Plan, skip finished cells, run the rest, write each at once. Resumable."""
-    from tqdm import tqdm
+              batch_size: int = 32, progress: bool = True, verbose: bool = False) -> SweepResult:
+    """Plan, skip finished cells, run the rest, write each at once. Resumable.
 
+    Everything that can fail on bad input (names, budgets, the model, the folder) is checked
+    before anything is written, so a failed command changes nothing on disk. The manifest
+    gains one entry per sweep that writes into the folder; the merged files are rebuilt from
+    the per-cell files at the end of every command, interrupted or not."""
     from gripbench.store import ResultsStore
+    from gripbench.zoo import check_model
 
     if limit is not None and limit < 1:
         raise GripbenchError("--limit must be at least 1")
+    if batch_size < 1:
+        raise GripbenchError("--batch-size must be at least 1")
+    if executor not in ("local", "ray"):
+        raise GripbenchError(f"unknown executor {executor!r} (local or ray)")
     cells = plan(model, methods, tasks, budgets, limit, seed)
     check_tasks(sorted({c.task for c in cells}))
+    check_model(model)
     out = Path(out or Path("results") / time.strftime("sweep-%Y%m%d-%H%M%S"))
-    store = ResultsStore(out).create()
-    if store.finished():
+    store = ResultsStore(out)
+    imports = store.check_writable()
+    done = set()
+    if (out / "cells.d").is_dir() and store.finished():
         store.cells(), store.samples()  # a corrupt or foreign file stops the sweep here, naming it
-    done = store.finished()
+        done = store.finished()
     todo = [c for c in cells if c.config_hash not in done]
-    store.write_manifest({"command": " ".join(os.sys.argv), "model": model, "methods": methods, "tasks": tasks,
-                          "budgets": list(map(float, budgets.split(",") if isinstance(budgets, str) else budgets)),
-                          "limit": limit, "seed": seed, "executor": executor, "cells": len(cells),
-                          "gripbench_version": gripbench.__version__})
+    runner = Runner(model, batch_size, verbose, sorted({c.task for c in todo})) if todo and executor == "local" else None
+    store.create()
+    if imports:
+        done = store.finished()
+        todo = [c for c in cells if c.config_hash not in done]
+    run = {"run_id": uuid.uuid4().hex[:12], "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": model,
+           "methods": methods, "tasks": tasks, "budgets": parse_budgets(budgets), "limit": limit, "seed": seed,
+           "executor": executor, "batch_size": batch_size, "cells": len(cells), "cells_to_run": len(todo),
+           "gripbench_version": gripbench.__version__, "git_commit": git_commit(), **environment_versions(),
+           "status": "running"}
     start = time.perf_counter()
-    if todo:
-        if executor == "ray":
-            run_on_ray(model, todo, out, batch_size, progress)
-        elif executor == "local":
-            runner = Runner(model, batch_size)
-            for cell in tqdm(todo, desc="cells", unit="cell", disable=not progress):
-                row, samples = runner.run(cell)
-                store.add(row, samples)
-        else:
-            raise GripbenchError(f"unknown executor {executor!r} (local or ray)")
-    return SweepResult(out, len(todo), len(cells) - len(todo), time.perf_counter() - start, cells)
+    ran = 0
+    try:
+        if todo:
+            _record_run(store, run)
+            if executor == "ray":
+                run_on_ray(model, todo, out, batch_size, progress)
+                ran = len(todo)
+            else:
+                with _progress(len(todo), progress) as bar:
+                    for cell in todo:
+                        bar.set_postfix_str(f"{cell.task.removeprefix('gripbench_')} {cell.method} {cell.budget:g}")
+                        row, samples = runner.run(cell)
+                        store.add(row, samples)
+                        ran += 1
+                        bar.update()
+        run["status"] = "finished"
+    except KeyboardInterrupt:
+        run["status"] = "interrupted"
+        raise
+    except BaseException:
+        run["status"] = "failed"
+        raise
+    finally:
+        if todo:
+            run.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), cells_run=ran)
+            _record_run(store, run)
+        store.consolidate()
+    return SweepResult(out, ran, len(cells) - len(todo), time.perf_counter() - start, cells)
+
+
+def _record_run(store, run: dict) -> None:
+    """Add (or update) this sweep's entry in the manifest's `runs`; the latest run's fields
+    also stand at the top level, as the report's metadata reads them."""
+    manifest = store.manifest()
+    if "runs" in manifest:
+        runs = [r for r in manifest["runs"] if r.get("run_id") != run["run_id"]]
+    else:  # a folder written before runs were recorded: its manifest becomes the first run
+        runs = [manifest] if manifest else []
+    store.write_manifest({**run, "runs": [*runs, dict(run)]})
+
+
+def _progress(total: int, enabled: bool):
+    """The sweep's one progress bar: cells done, rate, ETA and the current cell."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="sweep", unit="cell", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
 
 _RUNNERS: dict[tuple[str, int], Runner] = {}
@@ -314,7 +463,7 @@ def _ray_cell(model: str, cell: Cell, out: str, batch_size: int) -> str:
 
     key = (model, batch_size)
     if key not in _RUNNERS:
-        _RUNNERS[key] = Runner(model, batch_size)
+        _RUNNERS[key] = Runner(model, batch_size, tasks=[cell.task])
     row, samples = _RUNNERS[key].run(cell)
     ResultsStore(out).add(row, samples)
     return cell.config_hash

@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if "GRIPBENCH_CACHE" not in os.environ:  # one task cache for the session (and its subprocesses), not ~/.cache
+    import tempfile
+
+    os.environ["GRIPBENCH_CACHE"] = tempfile.mkdtemp(prefix="gripbench-test-cache-")
 
 import pytest
 import torch
@@ -78,6 +82,9 @@ def samples():
     return [make_sample(t, "val", i) for i in range(2) for t in TASKS][:8]
 
 
+RUN_SPREAD = (0.97, 1.04, 1.0, 0.95, 1.03)  # per-run paired latency ratios / the cell's ratio (median 1)
+
+
 def synthetic_results(folder, methods=("none", "good", "weak"), tasks=("gripbench_text", "gripbench_counting"),
                       budgets=(1.0, 0.5, 0.25), n=120, seed=0, edit=None):
     """A results folder with known numbers and no model: per-sample correctness drawn with
@@ -104,7 +111,10 @@ def synthetic_results(folder, methods=("none", "good", "weak"), tasks=("gripbenc
                        "tokens_layer_avg": tokens, "tokens_kv": tokens, "evidence_recall": budget,
                        "flops_total": 1e8 + 1e6 * tokens, "latency_vision_ms": 10.0, "latency_scorer_ms": 1.0,
                        "latency_prefill_ms": 20 + 0.5 * tokens, "latency_decode_ms_per_token": 2.0,
-                       "latency_e2e_ms": 40 + 0.5 * tokens, "latency_none_e2e_ms": 40 + 0.5 * 144, "device": "cpu"}
+                       "latency_e2e_ms": 40 + 0.5 * tokens, "latency_none_e2e_ms": 40 + 0.5 * 144, "device": "cpu",
+                       # five timed repeats, each over its paired none run, spread about the ratio; cores to itself
+                       "latency_ratio_runs": [(40 + 0.5 * tokens) / (40 + 0.5 * 144) * s for s in RUN_SPREAD],
+                       "latency_cpu_share": 1.0}
                 samples = pd.DataFrame({"sample_id": [f"{task.removeprefix('gripbench_')}-test-{i}" for i in range(n)],
                                         "correct": correct, "prediction": "x", "target": "x",
                                         "kept_indices": [list(range(int(tokens)))] * n})

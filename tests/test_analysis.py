@@ -101,3 +101,23 @@ def test_curves_end_at_the_shared_full_token_point():
     assert iso["a"] == pytest.approx(5 + 5 * (0.99 - ra) / (1 - ra))
     rb = 0.80 / 0.9  # b: its own budget-1 cell, cost 11
     assert iso["b"] == pytest.approx(5 + 6 * (0.99 - rb) / (1 - rb))
+
+
+def test_retention_is_nan_without_none_or_against_none_at_zero():
+    zero = frame([("none", 1, 10, 0.0), ("a", 0.5, 5, 0.4)])
+    assert analysis.retention(zero).isna().all()  # 0/0 and 0.4/0: undefined, never inf
+    alone = frame([("a", 1, 10, 0.8), ("a", 0.5, 5, 0.4)])
+    assert analysis.retention(alone).isna().all()
+    for df in (zero, alone):  # the summary keeps its retention columns, all NaN
+        table = analysis.summary_table(df)
+        assert list(table["retention"].columns) == list(table["accuracy"].columns) and table["retention"].isna().all().all()
+
+
+def test_seeds_are_kept_apart_then_averaged():
+    df = pd.concat([frame([("none", 1, 10, 0.8), ("a", 0.5, 5, 0.6)]).assign(seed=0),
+                    frame([("none", 1, 10, 0.4), ("a", 0.5, 5, 0.4)]).assign(seed=1)], ignore_index=True)
+    assert list(analysis.retention(df)) == pytest.approx([1.0, 0.75, 1.0, 1.0])  # each seed against its own `none`
+    mean = analysis.mean_over_seeds(df).set_index("method")
+    assert mean.loc["a", "accuracy"] == pytest.approx(0.5) and mean.loc["none", "accuracy"] == pytest.approx(0.6)
+    assert list(mean["n_seeds"]) == [2, 2] and "seed" not in mean
+    assert "n_seeds" not in analysis.mean_over_seeds(df[df.seed == 0])  # one seed: the cells as they are

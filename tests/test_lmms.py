@@ -10,8 +10,7 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def include_path(tmp_path_factory):
-    os.environ["GRIPBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+def include_path():
     from gripbench.lmms.tasks import materialize
 
     return str(materialize(["text", "counting"]))

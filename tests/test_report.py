@@ -1,12 +1,16 @@
-"""`gripbench report`: one self-contained HTML page, checked in a real headless Chromium."""
+"""`gripbench report`: one self-contained HTML page, checked in a real headless Chromium;
+built from any results folder (no `none`, `none` at 0%, two seeds, one method), and
+written atomically or not at all."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import synthetic_results
 
@@ -84,3 +88,107 @@ def test_report_renders_in_headless_chromium(report):
     assert [u for u in requests if not u.startswith(("file:", "data:"))] == []
     assert len(counts) == 5 and all(c > 0 for c in counts)
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
+
+
+def _zero_none(row, samples):
+    if row["method"] == "none":
+        row, samples = {**row, "accuracy": 0.0}, samples.assign(correct=False)
+    return row, samples
+
+
+def _seed1(row, samples):
+    samples = samples.assign(correct=samples["correct"] & (np.arange(len(samples)) % 4 != 0))
+    return {**row, "seed": 1, "config_hash": row["config_hash"] + "-seed1", "accuracy": float(samples["correct"].mean())}, samples
+
+
+FOLDERS = {  # results folders unlike a full sweep: name -> how to make one
+    "no none": lambda f: synthetic_results(f, methods=("good", "weak"), n=30),
+    "none at 0%": lambda f: synthetic_results(f, edit=_zero_none, n=30),
+    "two seeds": lambda f: (synthetic_results(f, n=30), synthetic_results(f, n=30, seed=1, edit=_seed1))[0],
+    "one method": lambda f: synthetic_results(f, methods=("good",), n=30),
+    "none only": lambda f: synthetic_results(f, methods=("none",), n=30),
+}
+
+
+@pytest.mark.parametrize("kind", FOLDERS)
+def test_report_and_check_work_on_any_results_folder(kind, tmp_path, capsys):
+    folder = FOLDERS[kind](tmp_path / "res")
+    out = tmp_path / "report.html"
+    assert main(["report", str(folder), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "<h2>Summary</h2>" in text and "<h2>Run metadata</h2>" in text
+    assert main(["check", str(folder), "--reference", str(folder)]) == 0
+    assert "check passed" in capsys.readouterr().out
+
+
+def test_retention_against_none_at_zero_accuracy_is_a_dash(tmp_path):
+    text = build_report(FOLDERS["none at 0%"](tmp_path / "res"))
+    row = re.search(r"<tr><td class=l>good</td><td>0.25</td>(.*?)</tr>", text).group(1)
+    assert re.findall(r"<td[^>]*>(.*?)</td>", row)[-1] == "–"  # retention (overall): undefined, not inf
+    assert "inf" not in row and "retention is undefined" in text
+
+
+def test_two_seeds_are_averaged_and_the_page_says_so(tmp_path):
+    from gripbench.store import ResultsStore
+
+    folder = FOLDERS["two seeds"](tmp_path / "res")
+    text = build_report(folder)
+    assert "2 seeds (0, 1)" in text and "mean over its seeds" in text and "within each seed" in text
+    cells = ResultsStore(folder).cells()
+    both = cells[(cells.method == "weak") & (cells.budget == 0.25)].groupby("task")["accuracy"].mean()
+    row = re.search(r"<tr><td class=l>weak</td><td>0.25</td>(.*?)</tr>", text).group(1)
+    shown = re.findall(r"<td[^>]*>(.*?)</td>", row)[:2]  # gripbench_counting, gripbench_text
+    assert shown == [f"{100 * both['gripbench_counting']:.1f}", f"{100 * both['gripbench_text']:.1f}"]
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    yield folder if not os.access(folder, os.W_OK) else Path("/sys")  # root writes anywhere but in sysfs
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("where, message", [("folder", "is a folder"), ("under a file", "a file is in the way"),
+                                            ("read-only", "cannot write report")])
+def test_unwritable_output_exits_2_with_one_line(tmp_path, read_only_folder, where, message, capsys):
+    (tmp_path / "afile").write_text("x")
+    out = {"folder": tmp_path, "under a file": tmp_path / "afile" / "report.html",
+           "read-only": read_only_folder / "report.html"}[where]
+    assert main(["report", str(FOLDERS["one method"](tmp_path / "res")), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_failed_write_leaves_the_previous_report_whole(tmp_path, monkeypatch, capsys):
+    folder = FOLDERS["one method"](tmp_path / "res")
+    out = tmp_path / "site" / "report.html"
+    out.parent.mkdir()
+    out.write_text("the previous report")
+    real, written = os.write, []
+
+    def disk_full(fd, data):  # half the page reaches the temporary file, then the disk is full
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+            return real(fd, data)
+        if not written:
+            written.append(real(fd, bytes(data[: len(data) // 2])))
+            return written[0]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", disk_full)
+        assert main(["report", str(folder), "-o", str(out)]) == 2
+    assert written and written[0] > 0
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and len(err.strip().splitlines()) == 1
+    assert out.read_text() == "the previous report" and os.listdir(out.parent) == ["report.html"]
+    assert main(["report", str(folder), "-o", str(out)]) == 0  # and a write that succeeds replaces it whole
+    assert out.read_text().startswith("<!DOCTYPE html>") and out.read_text().endswith("</html>")
+    assert os.listdir(out.parent) == ["report.html"] and out.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -24,6 +24,8 @@ def test_cells_are_durable_and_merged(tmp_path):
     store.add(_cell("h1"), _samples())
     store.add(_cell("h2", "fastv"), _samples())
     assert store.finished() == {"h1", "h2"}
+    assert not (tmp_path / "cells.parquet").exists()  # merged once per command, not per cell
+    store.consolidate()
     merged = pd.read_parquet(tmp_path / "cells.parquet")
     assert sorted(merged.config_hash) == ["h1", "h2"]
     assert len(pd.read_parquet(tmp_path / "samples.parquet")) == 4
@@ -52,3 +54,44 @@ def test_foreign_parquet_is_rejected(tmp_path):
     pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "cells.d" / "foreign.parquet")
     with pytest.raises(GripbenchError, match="not a gripbench results file"):
         store.cells()
+
+
+def test_disk_errors_are_one_line_and_keep_the_previous_file(tmp_path, monkeypatch):
+    """A full disk mid-write (or a read-only file system) leaves the previous file whole and
+    no temporary file, and reaches the user as one line."""
+    import errno
+
+    import gripbench.store as st
+
+    store = ResultsStore(tmp_path).create()
+    store.add(_cell("h1"), _samples())
+    store.consolidate()
+    before = (tmp_path / "cells.parquet").read_bytes()
+
+    def full(table, f, *a, **k):
+        f.write(b"PAR1 half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st.pq, "write_table", full)
+    with pytest.raises(GripbenchError, match="the disk is full"):
+        store.add(_cell("h2"), _samples())
+    with pytest.raises(GripbenchError, match="the disk is full"):
+        store.consolidate()
+    assert (tmp_path / "cells.parquet").read_bytes() == before
+    assert not list(tmp_path.rglob("*.tmp")) and store.finished() == {"h1"}
+    monkeypatch.setattr(st.tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only")))
+    with pytest.raises(GripbenchError, match="read-only"):
+        store.add(_cell("h3"), _samples())
+
+
+def test_temporaries_of_live_writers_are_kept(tmp_path):
+    import os
+
+    from gripbench.store import clean_temporaries
+
+    store = ResultsStore(tmp_path).create()
+    live = tmp_path / "cells.d" / f".x.parquet.{os.getpid()}.abc.tmp"
+    dead = tmp_path / "cells.d" / ".x.parquet.99999999.abc.tmp"
+    live.write_bytes(b"")
+    dead.write_bytes(b"")
+    assert clean_temporaries(store.root) == 1 and live.exists() and not dead.exists()

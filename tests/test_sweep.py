@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,8 +24,7 @@ def sweep(out, *extra, wait=True):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
 
-def test_killed_sweep_resumes_without_duplicates(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRIPBENCH_CACHE", str(tmp_path / "cache"))
+def test_killed_sweep_resumes_without_duplicates(tmp_path):
     out = tmp_path / "run"
     proc = sweep(out, wait=False)
     deadline = time.time() + 600
@@ -56,8 +56,7 @@ def test_plan_runs_budget_one_once_through_none():
                                                              for b in (1.0, 0.5)]
 
 
-def test_two_sweeps_into_one_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRIPBENCH_CACHE", str(tmp_path / "cache"))
+def test_two_sweeps_into_one_folder(tmp_path):
     out = tmp_path / "shared"
     a, b = sweep(out, wait=False), sweep(out, "--seed", "1", wait=False)
     assert a.wait(timeout=900) == 0 and b.wait(timeout=900) == 0
@@ -66,8 +65,7 @@ def test_two_sweeps_into_one_folder(tmp_path, monkeypatch):
     assert not list(out.rglob("*.tmp"))
 
 
-def test_corrupt_results_file_is_named_and_kept(tmp_path, monkeypatch):
-    monkeypatch.setenv("GRIPBENCH_CACHE", str(tmp_path / "cache"))
+def test_corrupt_results_file_is_named_and_kept(tmp_path):
     out = tmp_path / "run"
     (out / "cells.d").mkdir(parents=True)
     (out / "samples.d").mkdir()
@@ -89,11 +87,10 @@ def test_bad_input_exits_2(tmp_path, args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_ray_executor_matches_local(tmp_path, monkeypatch):
+def test_ray_executor_matches_local(tmp_path):
     """Each cell a Ray task on a local Ray instance, writing into one store: same cells and
     the same accuracies as the local executor."""
     pytest.importorskip("ray", reason="pip install 'gripbench[ray]'")
-    monkeypatch.setenv("GRIPBENCH_CACHE", str(tmp_path / "cache"))
     local = sweep(tmp_path / "local")
     assert local.returncode == 0, local.stderr[-2000:]
     r = sweep(tmp_path / "ray", "--executor", "ray")
@@ -116,3 +113,139 @@ def test_ray_missing_says_how_to_install(tmp_path, monkeypatch):
                         if name == "ray" else real(name, *a, **k))
     with pytest.raises(GripbenchError, match=r"pip install 'gripbench\[ray\]'"):
         run_on_ray("embedded", [Cell("embedded", "gripbench_text", "none", 1.0, 2, 0)], tmp_path, 8)
+
+
+def test_plan_drops_duplicated_budgets_and_tasks():
+    from gripbench.sweep import plan
+
+    cells = plan("embedded", "random", "text,text", "0.5,0.5,0.25", 8, 0)
+    assert [(c.task, c.budget) for c in cells] == [("gripbench_text", 0.5), ("gripbench_text", 0.25)]
+
+
+def _one_line_error(capsys, argv, message):
+    from gripbench.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--budgets", "abc"], "'abc' is not a number"),
+    (["--budgets", ""], "an empty item"),
+    (["--budgets", "0.5,,0.25"], "an empty item"),
+    (["--budgets", "nan"], "outside (0, 1]"),
+    (["--tasks", ""], "--tasks is empty"),
+    (["--methods", ","], "--methods is empty"),
+    (["--model", "embeded"], "did you mean 'embedded'"),
+    (["--limit", "0"], "--limit must be at least 1"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "x"
+    _one_line_error(capsys, ["sweep", "--out", str(out), "--tasks", "text", "--limit", "2", *extra], message)
+    assert not out.exists()
+
+
+def test_bad_model_folders_are_one_line(tmp_path, capsys):
+    import shutil
+
+    from gripbench.zoo import embedded_path
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a model")
+    _one_line_error(capsys, ["sweep", "--model", str(junk), "--out", str(tmp_path / "a")], "holds no config.json")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(embedded_path(), corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\0garbage" * 100)
+    _one_line_error(capsys, ["sweep", "--model", str(corrupt), "--tasks", "text", "--limit", "2",
+                             "--out", str(tmp_path / "b")], "cannot load model")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_out_under_a_file_and_foreign_folders_are_refused(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    _one_line_error(capsys, ["sweep", "--tasks", "text", "--limit", "2", "--out", str(f / "sub")], "is a file")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    _one_line_error(capsys, ["sweep", "--tasks", "text", "--limit", "2", "--out", str(foreign)], "did not write")
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"] and (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_a_merged_results_folder_is_imported_not_replaced(tmp_path):
+    """The committed reference holds merged files only: a sweep into a copy of it adds its
+    cell to them instead of replacing 105 cells with 1 (which it did)."""
+    import shutil
+    from pathlib import Path
+
+    ref = Path(__file__).parent.parent / "results" / "reference"
+    out = tmp_path / "ref"
+    out.mkdir()
+    for name in ("cells.parquet", "samples.parquet", "manifest.json"):
+        shutil.copy(ref / name, out / name)
+    before_cells, before_samples = pd.read_parquet(out / "cells.parquet"), pd.read_parquet(out / "samples.parquet")
+    r = subprocess.run([sys.executable, "-m", "gripbench.cli", "sweep", "--methods", "none", "--tasks", "text",
+                        "--limit", "4", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    after_cells, after_samples = pd.read_parquet(out / "cells.parquet"), pd.read_parquet(out / "samples.parquet")
+    assert len(after_cells) == len(before_cells) + 1 and len(after_samples) == len(before_samples) + 4
+    assert set(before_cells.config_hash) < set(after_cells.config_hash)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["runs"]) == 2 and manifest["runs"][0]["command"] == json.loads((ref / "manifest.json").read_text())["command"]
+
+
+def test_merged_files_are_repaired_and_temporaries_removed(tmp_path):
+    """A sweep killed while merging left cells.parquet with fewer cells than the per-cell
+    store and a temporary file; the next command, with nothing to run, repairs both."""
+    out = tmp_path / "run"
+    assert sweep(out).returncode == 0
+    full = pd.read_parquet(out / "cells.parquet")
+    full.iloc[:1].to_parquet(out / "cells.parquet")  # the merge that was cut short
+    (out / ".cells.parquet.99999999.x.tmp").write_bytes(b"half a file")  # its writer (a dead pid) left this
+    r = sweep(out)
+    assert r.returncode == 0 and f"0 cells run, {N_CELLS} already finished" in r.stdout
+    repaired = pd.read_parquet(out / "cells.parquet")
+    assert sorted(repaired.config_hash) == sorted(full.config_hash)
+    assert len(pd.read_parquet(out / "samples.parquet")) == 8 * N_CELLS
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_failed_command_leaves_the_folder_untouched(tmp_path):
+    out = tmp_path / "run"
+    assert sweep(out).returncode == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = sweep(out, "--model", "embeded")
+    assert r.returncode == 2 and "did you mean 'embedded'" in r.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_ctrl_c_exits_130_and_keeps_finished_cells(tmp_path):
+    out = tmp_path / "run"
+    proc = sweep(out, wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list((out / "cells.d").glob("*.parquet"))) < 1:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    finished = {p.stem for p in (out / "cells.d").glob("*.parquet")}
+    assert set(pd.read_parquet(out / "cells.parquet").config_hash) == finished  # merged on the way out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runs"][-1]["status"] == "interrupted"
+
+
+def test_manifest_records_versions_and_every_run(tmp_path):
+    out = tmp_path / "run"
+    assert sweep(out, "--budgets", "1").returncode == 0
+    assert sweep(out).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == ["finished", "finished"]
+    assert [r["cells_run"] for r in manifest["runs"]] == [1, N_CELLS - 1]
+    assert set(manifest["versions"]) == {"torch", "transformers", "lmms-eval", "datasets", "tokenizers", "numpy", "pillow"}
+    assert isinstance(manifest["lock_match"], bool)
+    cells = pd.read_parquet(out / "cells.parquet")
+    assert (cells["peak_memory_bytes"] > 0).all() and cells["latency_ratio_runs"].map(len).eq(5).all()

@@ -3,7 +3,7 @@
     lmms-eval eval --model gripbench --model_args pretrained=embedded,method=fastv,budget=0.25 \\
         --tasks gripbench_text --include_path "$(gripbench tasks --lmms-path)"
 
-Registered through lmms-eval's entry-point group `lmms_eval.models` (see pyproject.toml).
+Registered through lmms-eval's entry-point group `lmms_eval.models` (gripbench/lmms/plugin.py).
 Per request it keeps a record (kept indices, the three token counts, timings) that the
 sweep runner reads. `clean()` is a no-op: lmms-eval's own deletes every module attribute,
 which would make one instance unusable for a second evaluation.
@@ -13,14 +13,9 @@ from __future__ import annotations
 
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 from gripbench.engine import Engine
 from gripbench.methods import create_method
-
-
-def manifests() -> list[ModelManifest]:
-    return [ModelManifest(model_id="gripbench", simple_class_path="gripbench.lmms.model.GripbenchLMM")]
 
 
 def _truncate(text: str, until: list[str]) -> str:

@@ -89,12 +89,15 @@ def materialize(tasks: list[str] | None = None) -> Path:
     utils = root / "utils.py"
     if not utils.exists():
         utils.write_text("from gripbench.lmms.task_utils import doc_to_text, doc_to_visual, process_results  # noqa: F401\n")
-    for task in tasks or list(TASKS):
+    for task in list(TASKS) if tasks is None else tasks:
         data = root / f"{task}-test-{SPLIT_SIZES['test']}.parquet"
         if not data.exists():
             _write_parquet(task, data)
         yaml = root / f"{task_name(task)}.yaml"
         text = YAML.format(name=task_name(task), data=data)
-        if not yaml.exists() or yaml.read_text() != text:
-            yaml.write_text(text)
+        if not yaml.exists() or yaml.read_text() != text:  # atomic: another sweep may read it right now
+            fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, yaml)
     return root

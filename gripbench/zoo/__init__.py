@@ -16,29 +16,61 @@ def embedded_path(must_exist: bool = True) -> Path:
     return EMBEDDED_DIR
 
 
+def resolve(model: str) -> str:
+    """The path or hub id to load for `model`, or one clear error for a name that cannot be one."""
+    import difflib
+    import os
+
+    if model == "embedded":
+        return str(embedded_path())
+    if os.path.isdir(model):
+        if not (Path(model) / "config.json").exists():
+            raise GripbenchError(f"model folder {model} holds no config.json: not a Hugging Face checkpoint")
+        return model
+    if os.path.exists(model):
+        raise GripbenchError(f"model {model!r} is a file: give 'embedded', a checkpoint folder or a Hugging Face id")
+    if "/" not in model:
+        close = difflib.get_close_matches(model, ["embedded"], n=1, cutoff=0.5)
+        hint = " (did you mean 'embedded'?)" if close else ": give 'embedded', a local checkpoint folder or a Hugging Face id"
+        raise GripbenchError(f"unknown model {model!r}{hint}")
+    return model
+
+
+def check_model(model: str) -> None:
+    """Fail early and cheaply (config only, no weights) on a model that cannot load."""
+    from transformers import AutoConfig
+
+    path = resolve(model)
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as e:  # OSError (not found offline), ValueError (unknown model type), JSON errors
+        raise GripbenchError(f"cannot load model {model!r}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load(model: str = "embedded", dtype=None, device: str | None = None):
     """(model, processor) for 'embedded', a local folder, or a Hugging Face id (offline cache).
 
     The embedded checkpoint is stored in fp16 to keep the package small; on CPU it runs in
     fp32 (fp16 matmuls are slow and inexact there), on CUDA in fp16.
     """
-    import os
-
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
-    path = str(embedded_path()) if model == "embedded" else model
-    if model != "embedded" and not os.path.isdir(path) and "/" not in path:
-        raise GripbenchError(f"unknown model {model!r}: give 'embedded', a local checkpoint folder or a Hugging Face id")
+    path = resolve(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else torch.float16
     try:
         processor = AutoProcessor.from_pretrained(path)
         vlm = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
-    except OSError as e:
-        raise GripbenchError(f"cannot load model {model!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a user's folder: missing files (OSError), corrupt weights (safetensors), unknown types
+        raise GripbenchError(f"cannot load model {model!r}: {_first_line(e)}") from None
     return vlm.eval(), processor
