@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
 from gripbench.engine import Engine
 from gripbench.flops import Arch, prefill_macs, projector_macs, vision_macs
 from gripbench.methods import PrunePoint, PruningMethod, Selection
+
+_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+if _CPU_SDPA is not None and _CPU_SDPA not in flop_registry:
+    # torch >= 2.14 runs SDPA on the CPU through this kernel, which its flop counter does not
+    # know (it counts the CUDA flash/efficient kernels): the attention matmuls went uncounted.
+    # Same formula as the CUDA kernels: 2 x (Q K^T + P V) multiply-adds.
+    @register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 class KeepEven(PruningMethod):

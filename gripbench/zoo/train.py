@@ -391,7 +391,10 @@ def training_step(model, heads: AuxHeads, batch: dict, aux: torch.Tensor, aux_we
     logits = out.logits[:, :-1].float()
     target = batch["labels"][:, 1:]
     answer_loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
-    feats = out.image_hidden_states.view(aux.shape[0], -1, out.image_hidden_states.shape[-1])
+    image_states = out.image_hidden_states  # one tensor, or (transformers >= 5.24) a list of per-image tensors
+    if isinstance(image_states, (list, tuple)):
+        image_states = torch.cat(list(image_states))
+    feats = image_states.reshape(aux.shape[0], -1, image_states.shape[-1])
     aux_loss = heads.loss(feats, aux)
     loss = answer_loss + aux_weight * aux_loss
     attn_loss = torch.zeros(())
