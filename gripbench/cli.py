@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the user's filesystem: read-only, full, a file where a folder belongs
         from gripbench.store import disk_error
 
-        print(f"gripbench: error: {disk_error(e, e.filename or 'a file')}", file=sys.stderr)
+        print(f"gripbench: error: {disk_error(e, 'a file')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # 128 + SIGINT, as shells report it; not the bad-input status
         print("gripbench: interrupted; finished results on disk are kept", file=sys.stderr)

@@ -47,7 +47,7 @@ def disk_error(e: OSError, what: str) -> GripbenchError:
     reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
               errno.EACCES: "permission denied", errno.ENOTDIR: "a path component is a file, not a folder",
               errno.EEXIST: "a file is in the way"}.get(e.errno, e.strerror or str(e))
-    return GripbenchError(f"cannot write {what}: {reason} ({e.filename or what})")
+    return GripbenchError(f"cannot write {what}: {reason}" + (f" ({e.filename})" if e.filename else ""))
 
 
 def _pid_alive(pid: int) -> bool:

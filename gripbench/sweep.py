@@ -76,8 +76,8 @@ def parse_budgets(budgets: str | list[float]) -> list[float]:
         try:
             b = float(str(item).strip())
         except ValueError:
-            raise GripbenchError(f"bad --budgets {budgets!r}: {str(item).strip() or 'an empty item'!r} is not a number "
-                                 "(expected e.g. 1,0.5,0.25)") from None
+            what = f"{str(item).strip()!r} is not a number" if str(item).strip() else "an empty item"
+            raise GripbenchError(f"bad --budgets {budgets!r}: {what} (expected e.g. 1,0.5,0.25)") from None
         b = check_budget(b)
         if b not in out:
             out.append(b)
@@ -420,19 +420,22 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
                         store.add(row, samples)
                         ran += 1
                         bar.update()
-        run["status"] = "finished"
-    except KeyboardInterrupt:
-        run["status"] = "interrupted"
+    except BaseException as e:
+        run["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        with contextlib.suppress(GripbenchError):  # e.g. the disk is still full: the first error is the one to show
+            _close_run(store, run, ran, todo)
         raise
-    except BaseException:
-        run["status"] = "failed"
-        raise
-    finally:
-        if todo:
-            run.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), cells_run=ran)
-            _record_run(store, run)
-        store.consolidate()
+    run["status"] = "finished"
+    _close_run(store, run, ran, todo)
     return SweepResult(out, ran, len(cells) - len(todo), time.perf_counter() - start, cells)
+
+
+def _close_run(store, run: dict, ran: int, todo: list) -> None:
+    """Record how the run ended and rebuild the merged files from the per-cell store."""
+    if todo:
+        run.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), cells_run=ran)
+        _record_run(store, run)
+    store.consolidate()
 
 
 def _record_run(store, run: dict) -> None:
