@@ -18,6 +18,7 @@ class AttentionScore(PruningMethod):
     """keep the top round(rho*N) tokens by vision [CLS] attention (FasterVLM)"""
 
     name = "attention-score"
+    accounting = "llm_input"
 
     def plan(self, info: ModelInfo) -> list[PrunePoint]:
         return [PrunePoint(0, keep_count(self.budget, info.num_visual_tokens))]

@@ -39,6 +39,7 @@ class DivPrune(PruningMethod):
     """keep round(rho*N) maximally diverse tokens (max-min cosine distance) before the LLM"""
 
     name = "divprune"
+    accounting = "llm_input"
 
     def plan(self, info: ModelInfo) -> list[PrunePoint]:
         return [PrunePoint(0, keep_count(self.budget, info.num_visual_tokens))]

@@ -5,10 +5,11 @@ Compression Methods", arXiv 2510.07143) found plain downsampling beats many publ
 token-compression methods, so every report shows it. LLaVA-NeXT/LLaVA-Video use the same
 bilinear/average pooling of the grid (github.com/LLaVA-VL/LLaVA-NeXT).
 
-The grid of g x g tokens is pooled to g' x g' with g' = round(g * sqrt(rho)) (the nearest
-grid to the budget; budgets that are not a square of a stride use adaptive pooling).
+The grid of g x g tokens is pooled to g' x g' with g' = round(g * sqrt(rho)), half up (the
+nearest grid to the budget, methods.grid_side; budgets that are not a square of a stride use
+adaptive pooling).
 Each pooled token takes the slot and position id of the token nearest its cell's centre.
-Accounting: g'^2 tokens, which is round(rho*N) only when rho*N is a square.
+Accounting (`grid`): g'^2 tokens, which is round(rho*N) only when rho*N is a square.
 """
 
 from __future__ import annotations
@@ -19,30 +20,36 @@ import torch
 import torch.nn.functional as F
 
 from gripbench.errors import GripbenchError
-from gripbench.methods import ModelInfo, PrunePoint, PruningMethod, Selection
+from gripbench.methods import ModelInfo, PrunePoint, PruningMethod, Selection, grid_side
 
 
 def pooled_side(grid: int, budget: float) -> int:
-    return max(1, min(grid, round(grid * math.sqrt(budget))))
+    return grid_side(budget, grid)
 
 
 class Pool(PruningMethod):
     """average-pool the visual-token grid to round(g*sqrt(rho))^2 tokens before the LLM"""
 
     name = "pool"
+    accounting = "grid"
+
+    @staticmethod
+    def grid(info: ModelInfo) -> int:
+        """The side g of the square visual-token grid (from the model, never stored: plan is pure)."""
+        if info.grid is None or info.grid[0] != info.grid[1]:
+            raise GripbenchError("pool needs a square visual-token grid")
+        return info.grid[0]
 
     def plan(self, info: ModelInfo) -> list[PrunePoint]:
-        if info.grid is None:
-            raise GripbenchError("pool needs a square visual-token grid")
-        self._grid = info.grid[0]
-        return [PrunePoint(0, pooled_side(self._grid, self.budget) ** 2)]
+        return [PrunePoint(0, pooled_side(self.grid(info), self.budget) ** 2)]
 
     def selection_flops(self, info, text_tokens, arch=None):
         """Average pooling: one add per input value."""
         return float(info.num_visual_tokens * info.hidden_size)
 
     def select(self, ctx, point: PrunePoint) -> Selection:
-        g, s = self._grid, pooled_side(self._grid, self.budget)
+        g = self.grid(ctx.info)
+        s = pooled_side(g, self.budget)
         feats = ctx.visual_features()  # [B, N, D] in grid order
         b, n, d = feats.shape
         grid = feats.transpose(1, 2).reshape(b, d, g, g)

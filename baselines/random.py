@@ -17,6 +17,7 @@ class RandomPruning(PruningMethod):
     """keep a seeded uniformly random round(rho*N) subset before the LLM"""
 
     name = "random"
+    accounting = "llm_input"
 
     def plan(self, info: ModelInfo) -> list[PrunePoint]:
         return [PrunePoint(0, keep_count(self.budget, info.num_visual_tokens))]

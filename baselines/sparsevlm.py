@@ -11,15 +11,17 @@ github.com/Gumpest/SparseVLMs (v1 schedule).
   visual tokens are scored by the raters' attention at that layer (recomputed from its
   q/k after RoPE, averaged over heads and raters) and dropped from its output, so the
   next layers see the per-layer count of the schedule.
-- Recycling: of the deleted tokens the top 30% by score are clustered (density-peak
-  clustering with k-nearest neighbours, k = number of clusters = n_recycled // 10 + 1)
-  and each cluster's mean hidden state is put back, in the slot of the cluster centre.
+- Recycling (parameter `recycle`, default true): of the deleted tokens the top 30% by
+  score are clustered (density-peak clustering with k-nearest neighbours, k = number of
+  clusters = n_recycled // 10 + 1) and each cluster's mean hidden state is put back, in
+  the slot of the cluster centre.
 
 Budget mapping (design.md): SparseVLM's "192 tokens" is a layer average. The official
 count profile closest to rho (64 / 128 / 192 of 576) is scaled so that the layer-averaged
-visual token count, recycled tokens included, equals rho * N. A budget below the share of
-layers before the first pruning layer is out of reach; counts then bottom out at one
-token and the recorded `tokens_layer_avg` shows the true figure.
+visual token count, recycled tokens included, equals rho * N (counts rounded half up). A
+budget below the share of layers before the first pruning layer is out of reach
+(`reachable` is False); counts then bottom out at one token and the recorded
+`tokens_layer_avg` shows the true figure.
 Deviation: the official code renumbers positions after pruning; here every token keeps
 its original position id (as the official "v2" does).
 """
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from gripbench.methods import ModelInfo, PrunePoint, PruningMethod, Selection, topk_sorted
+from gripbench.methods import ModelInfo, PrunePoint, PruningMethod, Selection, layer_counts, round_half_up, topk_sorted
 
 # Official schedules for LLaVA-1.5 (576 tokens, 32 layers): counts after layers 2 / 6 / 15,
 # i.e. first seen by layers 2, 6 and 16 (the repo's "2*576 4*300 10*200 16*110").
@@ -39,7 +41,7 @@ FIRST_LAYERS_32 = (2, 6, 16)
 def scaled_layers(num_layers: int) -> list[int]:
     out: list[int] = []
     for x in FIRST_LAYERS_32:
-        layer = max(1, round(x * num_layers / 32), (out[-1] + 1) if out else 1)
+        layer = max(1, round_half_up(x * num_layers / 32), (out[-1] + 1) if out else 1)
         if layer < num_layers:
             out.append(layer)
     return out
@@ -55,7 +57,7 @@ def schedule(budget: float, n: int, num_layers: int) -> list[tuple[int, int]]:
     def counts(scale: float) -> list[int]:
         out, prev = [], n
         for f in fractions:
-            prev = max(1, min(prev, round(scale * f * n)))
+            prev = max(1, min(prev, round_half_up(scale * f * n)))
             out.append(prev)
         return out
 
@@ -102,9 +104,19 @@ class SparseVLM(PruningMethod):
     """text-rated progressive pruning inside the LLM with token recycling (layer-avg = rho)"""
 
     name = "sparsevlm"
+    accounting = "layer_avg"
+
+    recycle: bool = True  # merge the best deleted tokens back as cluster centres (official v1)
 
     def plan(self, info: ModelInfo) -> list[PrunePoint]:
         return [PrunePoint(layer, count) for layer, count in schedule(self.budget, info.num_visual_tokens, info.num_layers)]
+
+    def reachable(self, info: ModelInfo) -> bool:
+        """False when the closest schedule still misses rho * N by more than one token per
+        pruning point (counts bottomed out at one token: too few layers before the first point)."""
+        points = self.plan(info)
+        avg = sum(layer_counts(points, info)) / info.num_layers
+        return avg - self.budget * info.num_visual_tokens <= max(1, len(points))
 
     def selection_flops(self, info, text_tokens, arch=None):
         """Rater relevance (visual x text embeddings), then at each pruning point the raters'
@@ -116,7 +128,7 @@ class SparseVLM(PruningMethod):
         for point in self.plan(info):
             t = text_tokens + present
             total += t * d * kv + text_tokens * d * hq + text_tokens * t * hq
-            clusters = recycle_split(point.keep, present) if self.params.get("recycle", True) else 0
+            clusters = recycle_split(point.keep, present) if self.recycle else 0
             if clusters:
                 recycled = int((present - point.keep + clusters) * 0.3) + 1
                 total += recycled * recycled * d
@@ -153,7 +165,7 @@ class SparseVLM(PruningMethod):
         w = valid.float()[..., None]
         scores = ((probs * w).sum(1) / w.sum(1)).gather(1, ctx.visual_slots)  # [B, n]
         n = scores.shape[1]
-        clusters = recycle_split(point.keep, n) if self.params.get("recycle", True) else 0
+        clusters = recycle_split(point.keep, n) if self.recycle else 0
         top = topk_sorted(scores, point.keep - clusters)
         if clusters == 0:
             return Selection(ctx.visual_ids.gather(1, top), scores=scores)

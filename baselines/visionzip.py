@@ -10,7 +10,7 @@ At the vision feature layer (LLaVA: the penultimate CLIP layer):
   target by cosine similarity of the layer's keys (averaged over heads), and the
   contextual token is the target's feature plus the mean of its assigned tokens.
 Merging happens on the vision features before the projector, as in the official code.
-The budget is split as the official 64 = 54 dominant + 10 contextual.
+The budget is split as the official 64 = 54 dominant + 10 contextual (rounded half up).
 
 Deviation: the official LLaVA integration also keeps the CLS token as a dominant token;
 LLaVA-1.5's default feature selection has no slot for CLS, so here all k tokens are
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gripbench.methods import ModelInfo, PrunePoint, PruningMethod, Selection, keep_count, topk_sorted
+from gripbench.methods import ModelInfo, PrunePoint, PruningMethod, Selection, keep_count, round_half_up, topk_sorted
 
 DOMINANT_SHARE = 54 / 64
 
@@ -31,6 +31,7 @@ class VisionZip(PruningMethod):
     """keep [CLS]-dominant tokens and merge the rest into contextual tokens before the LLM"""
 
     name = "visionzip"
+    accounting = "llm_input"
 
     def plan(self, info: ModelInfo) -> list[PrunePoint]:
         return [PrunePoint(0, keep_count(self.budget, info.num_visual_tokens))]
@@ -40,14 +41,14 @@ class VisionZip(PruningMethod):
         targets, and the projector on the kept tokens (2 x MACs)."""
         t, dv, n = info.num_visual_tokens + 1, arch.vision_dim, info.num_visual_tokens
         k = keep_count(self.budget, n)
-        n_ctx = 0 if k <= 1 else k - max(1, round(k * DOMINANT_SHARE))
+        n_ctx = 0 if k <= 1 else k - max(1, round_half_up(k * DOMINANT_SHARE))
         cls_row = t * dv * dv + dv * dv + t * dv
         merge = n * n_ctx * arch.vision_head_dim + k * (dv * info.hidden_size + info.hidden_size ** 2) if n_ctx else 0
         return 2.0 * (cls_row + merge)
 
     def select(self, ctx, point: PrunePoint) -> Selection:
         k = point.keep
-        n_dom = max(1, round(k * DOMINANT_SHARE)) if k > 1 else 1
+        n_dom = max(1, round_half_up(k * DOMINANT_SHARE)) if k > 1 else 1
         n_ctx = k - n_dom
         attn = ctx.vision_attention().sum(dim=1)  # [B, n]
         b, n = attn.shape

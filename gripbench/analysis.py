@@ -1,7 +1,7 @@
 """Pure analysis of a results table: Pareto frontiers, retention, iso-accuracy speedups,
 area under the accuracy-cost curve, paired significance and bootstrap CIs.
 
-Every function takes pandas frames with the columns of design.md's result schema
+Every function takes pandas frames with the columns of the results schema (gripbench/schema.py)
 (`cells.parquet`: one row per cell; `samples.parquet`: one row per sample per cell) and
 returns a new frame; nothing here reads files or draws. "Overall" rows average the tasks
 (macro average of accuracy and of cost), the way pruning papers report an average column.
@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 from scipy.stats import binomtest
 
+from gripbench import schema
+
 COST_AXES = ("flops_total", "latency_prefill_ms", "tokens_llm_input")
-KEY = ["model", "task", "method", "method_params", "budget", "limit", "seed"]
+KEY = list(schema.KEY)  # one experiment; defined once, in gripbench/schema.py
 RUN = ["limit", "seed"]  # not in results written before these columns existed
 OVERALL = "overall"
 

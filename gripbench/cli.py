@@ -68,9 +68,12 @@ def _cmd_sweep(args) -> int:
     from gripbench.sweep import run_sweep
 
     res = run_sweep(model=args.model, methods=args.methods, tasks=args.tasks, budgets=args.budgets, limit=args.limit,
-                    out=args.out, seed=args.seed, executor=args.executor, batch_size=args.batch_size, verbose=args.verbose)
+                    out=args.out, seed=args.seed, executor=args.executor, batch_size=args.batch_size, verbose=args.verbose,
+                    keep_stale=args.keep_stale, method_args=args.method_args)
     rate = res.ran / (res.seconds / 60) if res.seconds > 0 else 0.0
-    print(f"{res.ran} cells run, {res.skipped} already finished, in {res.seconds / 60:.1f} min "
+    stale = f" ({res.stale} stale recomputed)" if res.stale and not res.kept_stale else (
+        f" ({res.kept_stale} of them stale, kept with --keep-stale)" if res.kept_stale else "")
+    print(f"{res.ran} cells run, {res.skipped} already finished{stale}, in {res.seconds / 60:.1f} min "
           f"({rate:.1f} cells/min); results in {res.out}")
     return 0
 
@@ -123,9 +126,13 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from gripbench.evaluate import evaluate_tasks
+    from gripbench.methods import parse_method_args
 
+    params = parse_method_args(args.method_args or "")
+    if set(params) - {args.method}:
+        raise GripbenchError(f"--method-args names {sorted(set(params) - {args.method})[0]!r}, not --method {args.method!r}")
     evaluate_tasks(model=args.model, method=args.method, budget=args.budget, tasks=args.tasks,
-                   limit=args.limit, batch_size=args.batch_size, seed=args.seed)
+                   limit=args.limit, batch_size=args.batch_size, seed=args.seed, params=params.get(args.method, {}))
     return 0
 
 
@@ -188,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--executor", default="local", choices=["local", "ray"])
     sw.add_argument("--batch-size", type=int, default=32)
     sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--method-args", help="typed method parameters, e.g. 'fastv:K=2,R=0.5;grip:scorer=PATH' "
+                    "(see `gripbench methods`); recorded in each cell's method_params")
     sw.add_argument("--verbose", action="store_true", help="show lmms-eval's logs and per-task progress bars")
+    sw.add_argument("--keep-stale", action="store_true", help="reuse finished cells whose method code, weights, task or "
+                    "gripbench code changed since (recorded in the manifest); by default they are recomputed")
     sw.set_defaults(fn=_cmd_sweep)
 
     rp = sub.add_parser("report", help="write a self-contained HTML report of a results folder")
@@ -228,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="questions per task (default: the whole test split)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--method-args", help="typed parameters of the method, e.g. 'fastv:K=2,R=0.5'")
     ev.set_defaults(fn=_cmd_eval)
     return p
 

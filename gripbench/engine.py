@@ -13,7 +13,7 @@ the model's own modules (embeddings, rotary embedding, decoder layers, norm, hea
 - greedy decoding with left padding, with position ids and masks as `generate` makes
   them, so `none` reproduces `model.generate` token for token.
 
-Every generation reports the three token counts of design.md and the kept indices.
+Every generation reports the three token counts (visual tokens into the LLM, layer average, KV cache) and the kept indices.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 from gripbench.adapters import VisionOutput, adapter_for
 from gripbench.context import PruneContext
-from gripbench.methods import PrunePoint, PruningMethod, Selection
+from gripbench.methods import PrunePoint, PruningMethod, Selection, method_label
 
 
 @dataclass
@@ -104,19 +104,50 @@ class Engine:
         ids_v = torch.arange(n, device=ids.device).expand(b, n)
         return _State(emb, self.adapter.positions(ids, am), am.bool(), slots, ids_v, ids)
 
-    def _apply(self, st: _State, sel: Selection) -> _State:
-        """Drop the visual tokens not in `sel.keep` (same count per row) and put merged vectors."""
+    @staticmethod
+    def _checked(sel: Selection, present: torch.Tensor, d: int, method=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`sel.keep` sorted ascending per row with `sel.replace` rows permuted alike; a repeated
+        index, a token no longer present or a wrong shape is a ValueError naming the method.
+        Why: the engine writes `replace` into the kept slots in sequence order, so an unsorted
+        `keep` with replacement vectors silently put each vector on another token."""
+        who = f"method {method_label(method)!r}" if method is not None else "the selection"
         keep = sel.keep
+        present = present.contiguous()
+        b, n = present.shape
+        if not isinstance(keep, torch.Tensor) or keep.dim() != 2 or keep.shape[0] != b or keep.is_floating_point():
+            got = tuple(keep.shape) if isinstance(keep, torch.Tensor) else type(keep).__name__
+            raise ValueError(f"{who} returned keep of shape {got}; expected integer indices [{b}, k]")
+        keep = keep.to(device=present.device, dtype=torch.long)
+        replace = sel.replace
+        if replace is not None and (replace.dim() != 3 or replace.shape[:2] != keep.shape or replace.shape[2] != d):
+            raise ValueError(f"{who} returned replace of shape {tuple(replace.shape)}; expected [{b}, {keep.shape[1]}, {d}]"
+                             " (one vector per kept token, row-aligned with keep)")
+        keep, order = keep.sort(dim=1, stable=True)
+        repeated = keep[:, 1:] == keep[:, :-1]
+        if repeated.any():
+            row, col = repeated.nonzero()[0].tolist()
+            raise ValueError(f"{who} keeps visual token {int(keep[row, col])} twice (row {row}); each kept index must be unique")
+        pos = torch.searchsorted(present, keep).clamp(max=n - 1)  # present is ascending per row
+        missing = present.gather(1, pos) != keep
+        if missing.any():
+            row, col = missing.nonzero()[0].tolist()
+            raise ValueError(f"{who} keeps visual token {int(keep[row, col])} (row {row}), which is not present: it was pruned "
+                             f"earlier or is outside 0..N-1")
+        if replace is not None:
+            replace = replace.gather(1, order.to(replace.device)[..., None].expand(-1, -1, d))
+        return keep, replace
+
+    def _apply(self, st: _State, sel: Selection, method=None) -> _State:
+        """Drop the visual tokens not in `sel.keep` (same count per row) and put merged vectors."""
+        d = st.hidden.shape[-1]
+        keep, replace = self._checked(sel, st.visual_ids, d, method)
         b, t = st.key_mask.shape
         present = st.visual_ids
         kept_flags = (present[..., None] == keep[:, None, :]).any(-1)  # [B, n]
-        if not torch.all(kept_flags.sum(1) == keep.shape[1]):
-            raise ValueError("a selection may keep only visual tokens that are still present, without repeats")
         keep_seq = torch.ones(b, t, dtype=torch.bool, device=keep.device)
         keep_seq.scatter_(1, st.visual_slots, kept_flags)
         new_t = int(keep_seq[0].sum())
         order = keep_seq.nonzero()[:, 1].view(b, new_t)
-        d = st.hidden.shape[-1]
         hidden = torch.gather(st.hidden, 1, order[..., None].expand(-1, -1, d))
         pos_index = order.expand(*st.positions.shape[:-2], b, new_t) if st.positions.dim() > 2 else order
         positions = torch.gather(st.positions, -1, pos_index)
@@ -125,8 +156,8 @@ class Engine:
         is_visual = torch.zeros(b, t, dtype=torch.bool, device=keep.device).scatter_(1, st.visual_slots, True)
         new_visual = torch.gather(is_visual, 1, order)
         slots = new_visual.nonzero()[:, 1].view(b, keep.shape[1])
-        if sel.replace is not None:
-            hidden = hidden.scatter(1, slots[..., None].expand(-1, -1, d), sel.replace.to(hidden.dtype))
+        if replace is not None:
+            hidden = hidden.scatter(1, slots[..., None].expand(-1, -1, d), replace.to(hidden.dtype))
         return _State(hidden, positions, key_mask, slots, keep, input_ids)
 
     @staticmethod
@@ -181,7 +212,7 @@ class Engine:
             if layer_idx in points:
                 t0 = time.perf_counter()
                 ctx = self._context(st, layer_idx, vision, prev_hidden, seeds)
-                st = self._apply(st, method.select(ctx, points[layer_idx]))
+                st = self._apply(st, method.select(ctx, points[layer_idx]), method)
                 scorer_s += time.perf_counter() - t0
             visual_per_layer.append(st.visual_ids.shape[1])
             key_masks.append(st.key_mask)

@@ -68,7 +68,8 @@ def resolve_tasks(tasks: str | list[str]) -> list[str]:
 
 
 def evaluate_tasks(model: str = "embedded", method: str = "none", budget: float = 1.0, tasks="all",
-                   limit: int | None = None, batch_size: int = 64, seed: int = 0, out=sys.stdout) -> dict[str, float]:
+                   limit: int | None = None, batch_size: int = 64, seed: int = 0, out=sys.stdout,
+                   params: dict | None = None) -> dict[str, float]:
     """Accuracy per embedded task for one method at one budget; prints a small table."""
     from gripbench.engine import Engine
     from gripbench.methods import create_method
@@ -77,7 +78,7 @@ def evaluate_tasks(model: str = "embedded", method: str = "none", budget: float 
 
     budget = check_budget(budget)
     names = resolve_tasks(tasks)
-    m = create_method(method, budget=budget, seed=seed)
+    m = create_method(method, budget=budget, seed=seed, **(params or {}))
     if limit is not None and limit < 1:
         raise GripbenchError("--limit must be at least 1")
     torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """Analytic FLOPs of a LLaVA-style VLM with pruning (FLOPs = 2 x multiply-accumulates).
 
-Counted per design.md, with the token count actually present at each point:
+Counted with the token count actually present at each point:
 
 - vision tower (CLIP/SigLIP ViT), every encoder layer the stock forward runs, on T = n + 1
   tokens (patches + CLS): patch embedding n * 3 * p^2 * Dv; per layer q/k/v/o projections

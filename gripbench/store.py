@@ -1,6 +1,6 @@
 """The results store: a folder that never loses a finished cell.
 
-Layout (design.md): `cells.parquet` (one row per sweep cell), `samples.parquet` (one row
+Layout (docs/results-schema.md, defined in gripbench/schema.py): `cells.parquet` (one row per sweep cell), `samples.parquet` (one row
 per sample per cell) and `manifest.json`, plus `cells.d/<config_hash>.parquet` and
 `samples.d/<config_hash>.parquet`, one pair per finished cell. The per-cell files are the
 truth; the merged files are rebuilt from them (`consolidate`) at the end of every
@@ -13,6 +13,9 @@ last, so a cell row on disk always has its samples, and a cell counts as finishe
 when both files exist. A sweep killed at any instant leaves only whole files; two sweeps
 writing one folder at once each add their own cell files and never edit another's.
 Temporary files carry their writer's pid and are removed once that process is gone.
+A cell computed by code, weights or data that have since changed (see
+`gripbench.provenance`) stays readable in `cells.d/` until its recomputation lands; it then
+moves to `stale.d/` (nothing is deleted).
 A corrupt or foreign parquet file is reported by name and nothing is deleted.
 
 A sweep writes only into a folder that is new, empty, or a gripbench results folder: a
@@ -33,13 +36,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gripbench import schema
 from gripbench.errors import GripbenchError
 
-CELLS, SAMPLES, MANIFEST = "cells.d", "samples.d", "manifest.json"
+CELLS, SAMPLES, MANIFEST, STALE = "cells.d", "samples.d", "manifest.json", "stale.d"
 MERGED_CELLS, MERGED_SAMPLES = "cells.parquet", "samples.parquet"
-IDENTITY = ["model", "task", "method", "method_params", "budget", "limit", "seed"]
-CELL_COLUMNS = ["config_hash", *IDENTITY, "accuracy"]
-SAMPLE_COLUMNS = ["config_hash", "sample_id", "correct"]
 
 
 def disk_error(e: OSError, what: str) -> GripbenchError:
@@ -98,14 +99,12 @@ def clean_temporaries(folder: Path) -> int:
     return removed
 
 
-def _read(path: Path, required: list[str]) -> pd.DataFrame:
+def _read(path: Path, columns: tuple[schema.Column, ...]) -> pd.DataFrame:
     try:
         df = pq.read_table(path).to_pandas()
     except Exception as e:  # pyarrow raises several types for truncated/garbage files
         raise GripbenchError(f"corrupt results file {path}: {str(e).splitlines()[0]}") from None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise GripbenchError(f"{path} is not a gripbench results file (missing columns: {', '.join(missing)})")
+    schema.validate(df, columns, str(path))
     return df
 
 
@@ -172,10 +171,13 @@ class ResultsStore:
         """Persist one finished cell: samples first, then the row (a row on disk always has its
         samples). The merged files are rebuilt by `consolidate`, once per command."""
         h = cell["config_hash"]
+        row = pd.DataFrame([cell])
+        schema.validate(row, schema.CELL, f"cell {h}", write=True)
+        schema.validate(samples.assign(config_hash=h), schema.SAMPLE, f"samples of cell {h}", write=True)
         try:
             _write_table(pa.Table.from_pandas(samples.assign(config_hash=h), preserve_index=False),
                          self.root / SAMPLES / f"{h}.parquet")
-            _write_table(pa.Table.from_pandas(pd.DataFrame([cell]), preserve_index=False), self.root / CELLS / f"{h}.parquet")
+            _write_table(pa.Table.from_pandas(row, preserve_index=False), self.root / CELLS / f"{h}.parquet")
         except OSError as e:
             raise disk_error(e, f"cell {h} into {self.root}") from None
 
@@ -193,6 +195,29 @@ class ResultsStore:
             clean_temporaries(self.root)
         except OSError as e:
             raise disk_error(e, f"merged results in {self.root}") from None
+
+    def existing_cells(self) -> pd.DataFrame:
+        """The finished cells already in the folder (validated), or an empty frame for a new one."""
+        if (self.root / CELLS).is_dir() and self.finished():
+            self.samples()  # a corrupt samples file stops here too, naming it
+            return self.cells()
+        if (self.root / MERGED_CELLS).exists():
+            self._merged_samples()
+            return self._merged_cells()
+        return pd.DataFrame(columns=[c.name for c in schema.CELL if c.required])
+
+    def retire(self, config_hash: str) -> None:
+        """Move a cell that a recomputed one replaced into `stale.d/` (kept, never deleted):
+        the row first, so the cell stops counting as finished before its samples leave."""
+        try:
+            for folder in (CELLS, SAMPLES):
+                src = self.root / folder / f"{config_hash}.parquet"
+                if src.exists():
+                    dst = self.root / STALE / folder / src.name
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, dst)
+        except OSError as e:
+            raise disk_error(e, f"stale cell {config_hash} in {self.root}") from None
 
     def write_manifest(self, manifest: dict) -> None:
         try:
@@ -214,13 +239,13 @@ class ResultsStore:
 
     # ---- reading --------------------------------------------------------------------------
     def _merged_cells(self) -> pd.DataFrame:
-        return _read(self.root / MERGED_CELLS, CELL_COLUMNS)
+        return _read(self.root / MERGED_CELLS, schema.CELL)
 
     def _merged_samples(self) -> pd.DataFrame:
         path = self.root / MERGED_SAMPLES
         if not path.exists():
             raise GripbenchError(f"{self.root} has {MERGED_CELLS} but no {MERGED_SAMPLES}")
-        return _read(path, SAMPLE_COLUMNS)
+        return _read(path, schema.SAMPLE)
 
     def _per_cell(self) -> bool:
         return (self.root / CELLS).is_dir() and any((self.root / CELLS).glob("*.parquet"))
@@ -232,7 +257,7 @@ class ResultsStore:
                 raise GripbenchError(f"{self.root} holds no gripbench results (no {MERGED_CELLS})")
             return self._merged_cells()
         done = self.finished()
-        rows = [_read(p, CELL_COLUMNS) for p in sorted((self.root / CELLS).glob("*.parquet"))]  # every file is checked
+        rows = [_read(p, schema.CELL) for p in sorted((self.root / CELLS).glob("*.parquet"))]  # every file is checked
         rows = [r for r in rows if set(r["config_hash"]) <= done]  # a row whose samples are not on disk is unfinished
         if not rows:
             raise GripbenchError(f"{self.root} holds no finished cells")
@@ -244,4 +269,4 @@ class ResultsStore:
             return self._merged_samples()
         done = self.finished()
         files = sorted(p for p in (self.root / SAMPLES).glob("*.parquet") if p.stem in done)
-        return pd.concat([_read(p, SAMPLE_COLUMNS) for p in files], ignore_index=True)
+        return pd.concat([_read(p, schema.SAMPLE) for p in files], ignore_index=True)

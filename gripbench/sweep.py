@@ -4,10 +4,10 @@ One cell = (model, task, method, method params, budget, limit, seed). For each c
 1. accuracy: lmms-eval's `simple_evaluate` with the `gripbench` model plugin (one model
    instance for the whole sweep; vision features cached per image and reused by every
    method and budget), per-sample correctness and a bootstrap 95% CI;
-2. tokens: the three counts of design.md, kept indices per sample, evidence recall;
+2. tokens: the three counts of the budget semantics (README), kept indices per sample, evidence recall;
 3. FLOPs: analytic (gripbench/flops.py) with the tokens actually present at each layer,
    plus the method's own selection FLOPs;
-4. latency: the protocol of design.md on a fixed batch (warm-up excluded, repeated timed
+4. latency: the latency protocol (README) on a fixed batch (warm-up excluded, repeated timed
    runs, medians and p10/p90 of end to end; vision, selection, prefill, decode timed apart);
 5. the cell is written to the store at once (atomic), so a killed sweep resumes.
 """
@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +32,11 @@ import pandas as pd
 import torch
 
 import gripbench
+from gripbench import schema
 from gripbench.analysis import bootstrap_ci
 from gripbench.errors import GripbenchError, check_budget, unknown
 from gripbench.flops import Arch, cell_flops
-from gripbench.methods import create_method, registry
+from gripbench.methods import create_method, parse_method_args, registry
 from gripbench.versions import environment_versions
 
 DEFAULT_BUDGETS = (1.0, 0.5, 0.25, 0.125, 0.0625)
@@ -44,6 +45,9 @@ LATENCY_BATCH, LATENCY_WARMUP, LATENCY_REPEATS = 8, 2, 5
 
 @dataclass(frozen=True)
 class Cell:
+    """One experiment (the fields of `schema.KEY`) and what it is computed with (`identity`:
+    JSON of `schema.IDENTITY_COLUMNS`, filled by `with_identity`)."""
+
     model: str
     task: str
     method: str
@@ -51,11 +55,86 @@ class Cell:
     limit: int | None
     seed: int
     method_params: str = "{}"
+    identity: str = "{}"
+
+    @property
+    def key(self) -> tuple:
+        return schema.key_of(asdict(self))
 
     @property
     def config_hash(self) -> str:
-        ident = json.dumps({**asdict(self), "code": gripbench.__version__}, sort_keys=True)
+        ident = json.dumps({**asdict(self), "identity": json.loads(self.identity), "schema": schema.SCHEMA_VERSION},
+                           sort_keys=True)
         return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+    def record(self) -> dict:
+        """The cell's key and identity columns, as written into its row."""
+        return {**{k: getattr(self, k) for k in schema.KEY}, **json.loads(self.identity), "config_hash": self.config_hash}
+
+
+def with_identity(cells: list[Cell], yaml_paths: dict[str, str | None]) -> list[Cell]:
+    """The cells with their identity: the method's code, the weights, the task, gripbench's code."""
+    from gripbench.provenance import code_identity, model_identity, task_identity
+
+    out, methods, tasks = [], {}, {}
+    code = code_identity()
+    models = {m: model_identity(m) for m in {c.model for c in cells}}
+    for c in cells:
+        if c.method not in methods:
+            prov = registry().provenance(c.method)
+            methods[c.method] = {"method_distribution": prov["distribution"], "method_version": prov["version"],
+                                 "method_source_sha256": prov["source_sha256"]}
+        if c.task not in tasks:
+            tasks[c.task] = task_identity(c.task, yaml_paths.get(c.task))
+        ident = {**methods[c.method], "model_sha256": models[c.model], "task_sha256": tasks[c.task], "code_sha256": code}
+        out.append(replace(c, identity=json.dumps(ident, sort_keys=True)))
+    return out
+
+
+STALE_REASONS = {"method_source_sha256": "method code ({method})", "method_version": "method version ({method})",
+                 "method_distribution": "method distribution ({method})", "model_sha256": "model weights",
+                 "task_sha256": "task data or config ({task})", "code_sha256": "gripbench code or package versions"}
+
+
+@dataclass
+class Resume:
+    """What a results folder already holds for the planned cells."""
+
+    done: set[str] = field(default_factory=set)  # config hashes finished with the current identity
+    stale: dict[str, Cell] = field(default_factory=dict)  # old config hash -> the cell that recomputes it
+    replaced: list[str] = field(default_factory=list)  # old hashes whose replacement is already finished
+    reasons: dict[str, int] = field(default_factory=dict)  # kind of change -> stale cells
+
+
+def resume_state(cells: list[Cell], finished: pd.DataFrame) -> Resume:
+    """Compare the planned cells with the finished ones by key: same identity -> done; same
+    key, other identity -> stale (counted per kind of change: the method's code, the weights,
+    the task, gripbench's code; cells written before identities were recorded say so)."""
+    state = Resume()
+    planned = {c.key: c for c in cells}
+    outdated: list[tuple[pd.Series, Cell]] = []
+    for _, row in finished.iterrows():
+        cell = planned.get(schema.key_of(row))
+        if cell is None:
+            continue
+        if row["config_hash"] == cell.config_hash:
+            state.done.add(cell.config_hash)
+        else:
+            outdated.append((row, cell))
+    for row, cell in outdated:
+        if cell.config_hash in state.done:
+            state.replaced.append(row["config_hash"])
+            continue
+        state.stale[row["config_hash"]] = cell
+        ident = json.loads(cell.identity)
+        if any(col not in row or pd.isna(row[col]) for col in schema.IDENTITY_COLUMNS):
+            kinds = {"written before cell identity was recorded (schema 1)"}
+        else:
+            kinds = {STALE_REASONS[col].format(method=cell.method, task=cell.task.removeprefix("gripbench_"))
+                     for col in schema.IDENTITY_COLUMNS if row[col] != ident[col]} or {"cell hash rule changed"}
+        for k in kinds:
+            state.reasons[k] = state.reasons.get(k, 0) + 1
+    return state
 
 
 def resolve_tasks(tasks: str) -> list[str]:
@@ -93,13 +172,24 @@ def _names(text: str, what: str) -> list[str]:
     return names
 
 
-def plan(model: str, methods: str, tasks: str, budgets: str | list[float], limit: int | None, seed: int) -> list[Cell]:
+def plan(model: str, methods: str, tasks: str, budgets: str | list[float], limit: int | None, seed: int,
+         method_args: str | dict | None = None) -> list[Cell]:
+    """The cells of a sweep. `method_args` ('fastv:K=2,R=0.5;grip:scorer=PATH' or its parsed
+    dict) sets methods' typed parameters; each cell records them resolved, defaults included."""
     known = registry().names()
     names = known if methods == "all" else _names(methods, "methods")
     for m in names:
         if m not in known:
             raise unknown("method", m, known)
+    args = parse_method_args(method_args) if isinstance(method_args, str) else dict(method_args or {})
+    for m in args:
+        if m not in names:
+            raise GripbenchError(f"--method-args names {m!r}, which this sweep does not run (methods: {', '.join(names)})")
     bs = parse_budgets(budgets)
+
+    def params(m: str, b: float) -> str:  # validated by the method itself: unknown or ill-typed -> one line
+        return json.dumps(create_method(m, budget=b, seed=seed, **args.get(m, {})).describe_params(), sort_keys=True)
+
     cells = []
     for task in resolve_tasks(tasks):
         for m in names:
@@ -112,25 +202,30 @@ def plan(model: str, methods: str, tasks: str, budgets: str | list[float], limit
                     # Without `none` in the sweep (or by running a method alone at
                     # --budgets 1) the cell runs.
                     continue
-                cells.append(Cell(model, task, m, b, limit, seed))
+                cells.append(Cell(model, task, m, b, limit, seed, params(m, b)))
     return cells
 
 
-def check_tasks(tasks: list[str]) -> None:
-    """Embedded tasks are always known; other names must be lmms-eval tasks (indexed only then)."""
+def check_tasks(tasks: list[str]) -> dict[str, str | None]:
+    """Embedded tasks are always known; other names must be lmms-eval tasks (indexed only then).
+    Returns each task's YAML path (None for the embedded ones), part of its identity."""
     from gripbench.lmms.tasks import PREFIX
 
+    paths: dict[str, str | None] = {t: None for t in tasks if t.startswith(PREFIX)}
     others = [t for t in tasks if not t.startswith(PREFIX)]
     if not others:
-        return
+        return paths
     from lmms_eval.tasks import TaskManager
 
     from gripbench.tasks.suite import TASKS
 
-    known = set(TaskManager().all_tasks)
+    tm = TaskManager()
     for t in others:
-        if t not in known:
-            raise unknown("task", t, list(TASKS) + sorted(known))
+        if t not in tm.all_tasks:
+            raise unknown("task", t, list(TASKS) + sorted(tm.all_tasks))
+        path = tm.task_index[t].get("yaml_path")
+        paths[t] = path if isinstance(path, str) else None
+    return paths
 
 
 def git_commit() -> str | None:
@@ -285,7 +380,7 @@ class Runner:
         kv_tokens = [text_tokens + v + new for v in per_layer]
         bytes_per = torch.finfo(next(self.engine.model.parameters()).dtype).bits // 8
         kv_bytes = sum(2 * t * self.arch.kv_heads * self.arch.head_dim * bytes_per for t in kv_tokens)
-        row = {**asdict(cell), "config_hash": cell.config_hash, "n_samples": len(samples),
+        row = {**cell.record(), "n_samples": len(samples),
                "accuracy": float(correct.mean()), "accuracy_ci_low": lo, "accuracy_ci_high": hi,
                "tokens_llm_input": float(samples["tokens_llm_input"].mean()),
                "tokens_layer_avg": float(samples["tokens_layer_avg"].mean()), "tokens_kv": float(samples["tokens_kv"].mean()),
@@ -363,11 +458,14 @@ class SweepResult:
     skipped: int
     seconds: float
     cells: list[Cell] = field(default_factory=list)
+    stale: int = 0  # cells whose identity changed since they were computed
+    kept_stale: int = 0  # of those, reused as they were (--keep-stale)
 
 
 def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all", budgets=DEFAULT_BUDGETS,
               limit: int | None = None, out: str | Path | None = None, seed: int = 0, executor: str = "local",
-              batch_size: int = 32, progress: bool = True, verbose: bool = False) -> SweepResult:
+              batch_size: int = 32, progress: bool = True, verbose: bool = False, keep_stale: bool = False,
+              method_args: str | dict | None = None) -> SweepResult:
     """Plan, skip finished cells, run the rest, write each at once. Resumable.
 
     Everything that can fail on bad input (names, budgets, the model, the folder) is checked
@@ -383,56 +481,67 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
         raise GripbenchError("--batch-size must be at least 1")
     if executor not in ("local", "ray"):
         raise GripbenchError(f"unknown executor {executor!r} (local or ray)")
-    cells = plan(model, methods, tasks, budgets, limit, seed)
-    check_tasks(sorted({c.task for c in cells}))
+    cells = plan(model, methods, tasks, budgets, limit, seed, method_args)
+    yaml_paths = check_tasks(sorted({c.task for c in cells}))
     check_model(model)
+    cells = with_identity(cells, yaml_paths)
     out = Path(out or Path("results") / time.strftime("sweep-%Y%m%d-%H%M%S"))
     store = ResultsStore(out)
-    imports = store.check_writable()
-    done = set()
-    if (out / "cells.d").is_dir() and store.finished():
-        store.cells(), store.samples()  # a corrupt or foreign file stops the sweep here, naming it
-        done = store.finished()
-    todo = [c for c in cells if c.config_hash not in done]
+    store.check_writable()
+    state = resume_state(cells, store.existing_cells())  # a corrupt or foreign file stops the sweep here, naming it
+    kept_stale = sorted(state.stale) if keep_stale else []
+    if state.stale:
+        for kind, n in sorted(state.reasons.items()):
+            print(f"{n} stale cell{'s' if n > 1 else ''}: {kind}" + ("; reused (--keep-stale)" if keep_stale else "; rerun"),
+                  file=sys.stderr)
+    reused = state.done | {state.stale[h].config_hash for h in kept_stale}
+    todo = [c for c in cells if c.config_hash not in reused]
     runner = Runner(model, batch_size, verbose, sorted({c.task for c in todo})) if todo and executor == "local" else None
     store.create()
-    if imports:
-        done = store.finished()
-        todo = [c for c in cells if c.config_hash not in done]
+    for old in state.replaced:  # replaced by an earlier run that stopped before retiring them
+        store.retire(old)
+    replaces = {c.config_hash: old for old, c in state.stale.items() if old not in kept_stale}
     run = {"run_id": uuid.uuid4().hex[:12], "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": model,
-           "methods": methods, "tasks": tasks, "budgets": parse_budgets(budgets), "limit": limit, "seed": seed,
+           "methods": methods, "method_args": method_args, "tasks": tasks, "budgets": parse_budgets(budgets), "limit": limit, "seed": seed,
            "executor": executor, "batch_size": batch_size, "cells": len(cells), "cells_to_run": len(todo),
+           "stale": state.reasons, "kept_stale": kept_stale, "schema_version": schema.SCHEMA_VERSION,
            "gripbench_version": gripbench.__version__, "git_commit": git_commit(), **environment_versions(),
            "status": "running"}
     start = time.perf_counter()
     ran = 0
+    record = bool(todo or kept_stale)  # a run that writes cells, or knowingly reuses stale ones, is recorded
     try:
-        if todo:
+        if record:
             _record_run(store, run)
+        if todo:
             if executor == "ray":
                 run_on_ray(model, todo, out, batch_size, progress)
                 ran = len(todo)
+                for h in replaces.values():
+                    store.retire(h)
             else:
                 with _progress(len(todo), progress) as bar:
                     for cell in todo:
                         bar.set_postfix_str(f"{cell.task.removeprefix('gripbench_')} {cell.method} {cell.budget:g}")
                         row, samples = runner.run(cell)
                         store.add(row, samples)
+                        if cell.config_hash in replaces:
+                            store.retire(replaces[cell.config_hash])
                         ran += 1
                         bar.update()
     except BaseException as e:
         run["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         with contextlib.suppress(GripbenchError):  # e.g. the disk is still full: the first error is the one to show
-            _close_run(store, run, ran, todo)
+            _close_run(store, run, ran, record)
         raise
     run["status"] = "finished"
-    _close_run(store, run, ran, todo)
-    return SweepResult(out, ran, len(cells) - len(todo), time.perf_counter() - start, cells)
+    _close_run(store, run, ran, record)
+    return SweepResult(out, ran, len(cells) - len(todo), time.perf_counter() - start, cells, len(state.stale), len(kept_stale))
 
 
-def _close_run(store, run: dict, ran: int, todo: list) -> None:
+def _close_run(store, run: dict, ran: int, record: bool) -> None:
     """Record how the run ended and rebuild the merged files from the per-cell store."""
-    if todo:
+    if record:
         run.update(ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), cells_run=ran)
         _record_run(store, run)
     store.consolidate()

@@ -85,6 +85,10 @@ def samples():
 RUN_SPREAD = (0.97, 1.04, 1.0, 0.95, 1.03)  # per-run paired latency ratios / the cell's ratio (median 1)
 
 
+SYNTHETIC_IDENTITY = {"method_distribution": "synthetic", "method_version": "0", "method_source_sha256": "0" * 64,
+                      "model_sha256": "synthetic", "task_sha256": "synthetic", "code_sha256": "synthetic"}
+
+
 def synthetic_results(folder, methods=("none", "good", "weak"), tasks=("gripbench_text", "gripbench_counting"),
                       budgets=(1.0, 0.5, 0.25), n=120, seed=0, edit=None):
     """A results folder with known numbers and no model: per-sample correctness drawn with
@@ -114,7 +118,7 @@ def synthetic_results(folder, methods=("none", "good", "weak"), tasks=("gripbenc
                        "latency_e2e_ms": 40 + 0.5 * tokens, "latency_none_e2e_ms": 40 + 0.5 * 144, "device": "cpu",
                        # five timed repeats, each over its paired none run, spread about the ratio; cores to itself
                        "latency_ratio_runs": [(40 + 0.5 * tokens) / (40 + 0.5 * 144) * s for s in RUN_SPREAD],
-                       "latency_cpu_share": 1.0}
+                       "latency_cpu_share": 1.0, **SYNTHETIC_IDENTITY}
                 samples = pd.DataFrame({"sample_id": [f"{task.removeprefix('gripbench_')}-test-{i}" for i in range(n)],
                                         "correct": correct, "prediction": "x", "target": "x",
                                         "kept_indices": [list(range(int(tokens)))] * n})

@@ -130,3 +130,66 @@ def test_token_counts_and_kept_indices(pair, samples):
     assert gen.visual_per_layer == [n] + [round(n * 0.5)] * (layers - 1)
     assert gen.tokens_layer_avg[0] == pytest.approx((n + (layers - 1) * round(n * 0.5)) / layers)
     assert all(len(k) == round(n * 0.5) for k in gen.kept_indices)
+
+
+class Reversible(PruningMethod):
+    """test method: keep the even visual tokens with replacement vectors (scaled own features),
+    at `layer`, in ascending or descending order."""
+
+    name = "reversible"
+    layer: int = 0
+    descending: bool = False
+
+    def plan(self, info):
+        return [PrunePoint(self.layer, (info.num_visual_tokens + 1) // 2)]
+
+    def select(self, ctx, point):
+        keep = ctx.visual_ids[:, ::2]
+        feats = ctx.visual_features()[:, ::2]
+        replace = feats * (0.5 + torch.linspace(0, 1, feats.shape[1], dtype=feats.dtype))[None, :, None]
+        if self.descending:
+            return Selection(keep.flip(1), replace=replace.flip(1))
+        return Selection(keep, replace=replace)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_unsorted_keep_is_sorted_with_its_replace_rows(pair, samples, layer):
+    """A descending keep with replacement vectors gives exactly the sorted selection's logits
+    (before the engine sorted, each vector landed on another token: logits off by up to 9.6)."""
+    _, _, engine = pair
+    batch = _batch(engine, samples, 2)
+    asc, mask = engine.logits(batch, Reversible(budget=0.5, layer=layer))
+    desc, mask2 = engine.logits(batch, Reversible(budget=0.5, layer=layer, descending=True))
+    assert torch.equal(mask, mask2) and torch.equal(asc, desc)
+    if layer == 0:  # the replacement vectors really change the result
+        plain, _ = engine.logits(batch, KeepEven(budget=0.5))
+        assert not torch.equal(plain, asc)
+
+
+class BadKeep(PruningMethod):
+    """test method: a repeated index (`kind='repeat'`) or, at a second point, a token pruned
+    at the first (`kind='gone'`)."""
+
+    name = "bad-keep"
+    kind: str = "repeat"
+
+    def plan(self, info):
+        n = info.num_visual_tokens
+        return [PrunePoint(0, 4)] if self.kind == "repeat" else [PrunePoint(0, n // 2), PrunePoint(2, 2)]
+
+    def select(self, ctx, point):
+        ids = ctx.visual_ids
+        if self.kind == "repeat":
+            return Selection(torch.cat([ids[:, :3], ids[:, :1]], dim=1))
+        if ctx.layer == 0:
+            return Selection(ids[:, ::2][:, : point.keep])
+        return Selection(torch.stack([ids[:, 0], ids[:, 0] + 1], dim=1))  # an odd index: pruned at layer 0
+
+
+def test_repeated_or_absent_kept_index_is_refused(pair, samples):
+    _, _, engine = pair
+    batch = _batch(engine, samples, 2)
+    with pytest.raises(ValueError, match=r"method 'bad-keep' keeps visual token \d+ twice"):
+        engine.generate(batch, BadKeep(budget=0.5), max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"method 'bad-keep' keeps visual token 1 \(row 0\), which is not present"):
+        engine.generate(batch, BadKeep(budget=0.5, kind="gone"), max_new_tokens=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from conftest import SYNTHETIC_IDENTITY
 
 from gripbench.errors import GripbenchError
 from gripbench.store import ResultsStore
@@ -11,7 +12,7 @@ from gripbench.store import ResultsStore
 
 def _cell(h: str, method: str = "none") -> dict:
     return {"config_hash": h, "model": "embedded", "task": "text", "method": method, "method_params": "{}",
-            "budget": 1.0, "limit": 10, "seed": 0, "accuracy": 0.5}
+            "budget": 1.0, "limit": 10, "seed": 0, "accuracy": 0.5, "n_samples": 2, **SYNTHETIC_IDENTITY}
 
 
 def _samples() -> pd.DataFrame:
@@ -95,3 +96,23 @@ def test_temporaries_of_live_writers_are_kept(tmp_path):
     live.write_bytes(b"")
     dead.write_bytes(b"")
     assert clean_temporaries(store.root) == 1 and live.exists() and not dead.exists()
+
+
+def test_schema_is_documented_and_validated(tmp_path):
+    """docs/results-schema.md is the schema module's own output; the store refuses a row that
+    misses an identity column on write, and names an ill-typed column on read."""
+    from pathlib import Path
+
+    from gripbench import schema
+
+    doc = Path(__file__).parent.parent / "docs" / "results-schema.md"
+    assert doc.read_text().strip() == schema.markdown().strip(), "regenerate: python3 -m gripbench.schema > docs/results-schema.md"
+    store = ResultsStore(tmp_path).create()
+    row = {k: v for k, v in _cell("h1").items() if k != "model_sha256"}
+    with pytest.raises(GripbenchError, match="missing column 'model_sha256'"):
+        store.add(row, _samples())
+    assert store.finished() == set()
+    pd.DataFrame([{**_cell("h2"), "accuracy": "high"}]).to_parquet(tmp_path / "cells.d" / "h2.parquet")
+    _samples().assign(config_hash="h2").to_parquet(tmp_path / "samples.d" / "h2.parquet")
+    with pytest.raises(GripbenchError, match="column 'accuracy' should hold float"):
+        store.cells()

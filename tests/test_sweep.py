@@ -19,8 +19,9 @@ N_CELLS = 3  # none@1 and random@{0.5, 0.25}: none@1 is random@1 (see sweep.plan
 def sweep(out, *extra, wait=True):
     cmd = [sys.executable, "-m", "gripbench.cli", "sweep", *ARGS, "--out", str(out), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if not wait:  # SIGINT as a terminal delivers it, even where this test runs in the background (which ignores it)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
 
@@ -249,3 +250,63 @@ def test_manifest_records_versions_and_every_run(tmp_path):
     assert isinstance(manifest["lock_match"], bool)
     cells = pd.read_parquet(out / "cells.parquet")
     assert (cells["peak_memory_bytes"] > 0).all() and cells["latency_ratio_runs"].map(len).eq(5).all()
+
+
+def _plugin(root, mark: int):
+    """A third-party method installed beside gripbench: a module and its distribution's
+    entry point on PYTHONPATH. `mark` edits its source without changing what it does."""
+    root.mkdir(exist_ok=True)
+    (root / "plugdemo.py").write_text(f'from baselines.random import RandomPruning\n\n\nclass Plug(RandomPruning):\n'
+                                      f'    """random pruning, as a plugin"""\n\n    MARK = {mark}\n')
+    dist = root / "plugdemo-0.1.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: plugdemo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[gripbench.methods]\nplug-random = plugdemo:Plug\n")
+    return {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_cells_of_changed_method_code_are_stale_and_recomputed(tmp_path):
+    """Edit a method's code and rerun into the same folder: its cells are stale (said per kind
+    of change), recomputed, the old ones kept in stale.d/; --keep-stale reuses them and says
+    so; reverting the edit gives the original numbers back."""
+    out, plug = tmp_path / "run", tmp_path / "plug"
+    args = [sys.executable, "-m", "gripbench.cli", "sweep", "--methods", "plug-random", "--tasks", "text",
+            "--budgets", "0.5,0.25", "--limit", "4", "--batch-size", "4", "--out", str(out)]
+
+    def run(mark, *extra):
+        r = subprocess.run([*args, *extra], capture_output=True, text=True, env=_plugin(plug, mark), timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    run(1)
+    first = pd.read_parquet(out / "cells.parquet").set_index("budget").sort_index()
+    assert set(first.method_distribution) == {"plugdemo"} and set(first.method_version) == {"0.1"}
+    r = run(2)
+    assert "2 stale cells: method code (plug-random); rerun" in r.stderr
+    assert "2 cells run, 0 already finished (2 stale recomputed)" in r.stdout
+    assert len(list((out / "stale.d" / "cells.d").glob("*.parquet"))) == 2
+    second = pd.read_parquet(out / "cells.parquet").set_index("budget").sort_index()
+    assert len(second) == 2 and not set(second.config_hash) & set(first.config_hash)
+    r = run(3, "--keep-stale")
+    assert "2 stale cells: method code (plug-random); reused (--keep-stale)" in r.stderr and "0 cells run" in r.stdout
+    assert len(json.loads((out / "manifest.json").read_text())["kept_stale"]) == 2
+    r = run(1)  # the original code again: recomputed, and the same numbers as the first time
+    assert "2 cells run" in r.stdout
+    again = pd.read_parquet(out / "cells.parquet").set_index("budget").sort_index()
+    assert list(again.config_hash) == list(first.config_hash)
+    assert list(again.accuracy) == list(first.accuracy) and list(again.flops_total) == list(first.flops_total)
+
+
+def test_resume_state_names_each_kind_of_change():
+    from gripbench.sweep import Cell, resume_state
+
+    ident = {"method_distribution": "gripbench", "method_version": "0.1.0", "method_source_sha256": "a",
+             "model_sha256": "m", "task_sha256": "t", "code_sha256": "c"}
+    cells = [Cell("embedded", "gripbench_text", "fastv", b, 8, 0, identity=json.dumps(ident)) for b in (0.5, 0.25)]
+    rows = [{**c.record(), **ident} for c in cells]
+    rows[0].update(model_sha256="m-old", config_hash="old0")
+    rows[1] = {k: v for k, v in rows[1].items() if k not in ident} | {"config_hash": "old1"}  # written by the landed main
+    state = resume_state(cells, pd.DataFrame(rows))
+    assert state.done == set() and set(state.stale) == {"old0", "old1"}
+    assert state.reasons == {"model weights": 1, "written before cell identity was recorded (schema 1)": 1}
+    assert resume_state(cells, pd.DataFrame([{**c.record()} for c in cells])).done == {c.config_hash for c in cells}

@@ -7,7 +7,7 @@ before the LLM.
   straight-through mask (DynamicViT, arXiv 2106.02034): the continuous-relaxation family.
 
 Each loads its weights from `gripbench/grip/weights/<name>.safetensors` (trained for the
-embedded model) or from `scorer=PATH` (a file written by `gripbench train`). The scorer's
+embedded model) or from the parameter `scorer=PATH` (a file written by `gripbench train`). The scorer's
 FLOPs and time are the method's own cost.
 """
 
@@ -50,14 +50,17 @@ class ScorerMethod(PruningMethod):
     """Top round(rho*N) visual tokens by a trained scorer's logits, before the LLM."""
 
     weights = "grip"
+    accounting = "llm_input"
+
+    scorer: str | None = None  # path of a scorer written by `gripbench train`; None = the shipped weights
 
     def plan(self, info: ModelInfo) -> list[PrunePoint]:
         return [PrunePoint(0, keep_count(self.budget, info.num_visual_tokens))]
 
-    def scorer(self, dim: int) -> BudgetAwareScorer:
+    def scorer_model(self, dim: int) -> BudgetAwareScorer:
         """The trained scorer, read from disk once per method instance (not per batch, which
         would charge file I/O to the method's selection latency)."""
-        path = str(self.params.get("scorer", WEIGHTS / f"{self.weights}.safetensors"))
+        path = self.scorer or str(WEIGHTS / f"{self.weights}.safetensors")
         cached = getattr(self, "_scorer", None)
         if cached is not None and cached[0] == path:
             scorer = cached[1]
@@ -74,7 +77,7 @@ class ScorerMethod(PruningMethod):
 
     def logits(self, ctx) -> torch.Tensor:
         feats = ctx.visual_features()
-        scorer = self.scorer(feats.shape[-1]).to(feats.device)
+        scorer = self.scorer_model(feats.shape[-1]).to(feats.device)
         q, qm = ctx.question_embeddings()
         rho = torch.full((feats.shape[0],), self.budget, device=feats.device)
         with torch.no_grad():

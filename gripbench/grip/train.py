@@ -151,7 +151,7 @@ class Trainer:
         from gripbench.grip.method import ScorerMethod
 
         class Current(ScorerMethod):
-            def scorer(self, dim):
+            def scorer_model(self, dim):
                 return scorer
 
         out = {}
