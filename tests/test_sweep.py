@@ -25,12 +25,18 @@ def sweep(out, *extra, wait=True):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
 
-def test_killed_sweep_resumes_without_duplicates(tmp_path):
-    out = tmp_path / "run"
+def started_with_one_cell(out):
+    """A sweep in the background, returned once its first cell is on disk."""
     proc = sweep(out, wait=False)
     deadline = time.time() + 600
     while time.time() < deadline and len(list((out / "cells.d").glob("*.parquet"))) < 1:
         time.sleep(0.2)
+    return proc
+
+
+def test_killed_sweep_resumes_without_duplicates(tmp_path):
+    out = tmp_path / "run"
+    proc = started_with_one_cell(out)
     os.kill(proc.pid, signal.SIGKILL)  # mid-sweep, possibly mid-write
     proc.wait()
     first = {p.name for p in (out / "cells.d").glob("*.parquet")}
@@ -225,10 +231,7 @@ def test_failed_command_leaves_the_folder_untouched(tmp_path):
 
 def test_ctrl_c_exits_130_and_keeps_finished_cells(tmp_path):
     out = tmp_path / "run"
-    proc = sweep(out, wait=False)
-    deadline = time.time() + 600
-    while time.time() < deadline and len(list((out / "cells.d").glob("*.parquet"))) < 1:
-        time.sleep(0.2)
+    proc = started_with_one_cell(out)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
