@@ -42,7 +42,7 @@ import tomllib
 from scipy.stats import mannwhitneyu
 
 from gripbench.analysis import KEY, mcnemar, paired, ratio_to_none
-from gripbench.errors import GripbenchError
+from gripbench.errors import BOOL_WORDS, GripbenchError
 from gripbench.store import ResultsStore
 
 LATENCY = "latency_e2e_ms"
@@ -58,7 +58,6 @@ RANGES = {  # tolerance: (valid, what it must be)
     "alpha": (lambda v: 0 < v < 1, "a finite number with 0 < alpha < 1"),
     "min_cpu_share": (lambda v: 0 < v <= 1, "a finite number in (0, 1]"),
 }
-BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 @dataclass(frozen=True)
@@ -106,8 +105,8 @@ def _number(name: str, value, drop: bool = False) -> float:
 def _bool(name: str, value) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in BOOLS:
-        return BOOLS[value.strip().lower()]
+    if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+        return BOOL_WORDS[value.strip().lower()]
     raise GripbenchError(f"bad tolerance {name} value {value!r} (expected true or false)")
 
 

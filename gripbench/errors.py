@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import difflib
 
+# How a boolean may be written on a command line or in a config: the one table for all of them.
+BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
 
 class GripbenchError(Exception):
     """Bad input from the user (a name, a budget, a file). Never a bug in gripbench."""

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 import torch
 
-from gripbench.errors import GripbenchError, check_budget, unknown
+from gripbench.errors import BOOL_WORDS, GripbenchError, check_budget, unknown
 
 if TYPE_CHECKING:
     from gripbench.context import PruneContext
@@ -126,7 +126,6 @@ class _BadValue(Exception):
     """A value that does not fit a declared type (turned into one GripbenchError line)."""
 
 
-_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 _NONES = ("none", "null", "")
 _SCALARS = {int: "an int", float: "a float", bool: "a boolean (true/false/yes/no/1/0)", str: "a string"}
 
@@ -187,8 +186,8 @@ def _convert(value, tp):
             return value
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _BOOLS:
-            return _BOOLS[value.strip().lower()]
+        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.strip().lower()]
         raise _BadValue
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

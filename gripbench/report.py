@@ -21,8 +21,6 @@ import errno
 import html
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,7 @@ from plotly.colors import qualitative
 
 from gripbench import analysis
 from gripbench.errors import GripbenchError
-from gripbench.store import ResultsStore
+from gripbench.store import ResultsStore, atomic_write
 
 AXES = {"flops_total": "FLOPs per sample (total)", "latency_prefill_ms": "prefill latency (ms, batch)",
         "tokens_llm_input": "visual tokens entering the LLM"}
@@ -327,35 +325,14 @@ def build_report(results: str | Path, budget: float = 0.25) -> str:
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
 
 
-def replace_atomically(path: Path, data: bytes) -> None:
-    """Write a temporary file beside `path`, fsync it and rename it over `path`; on any
-    failure remove the temporary file, so `path` is the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)  # as open() would create it, not mkstemp's 0600
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_report(results: str | Path, out: str | Path | None = None, budget: float = 0.25) -> Path:
     out = Path(out) if out else Path("reports") / f"{Path(results).name}.html"
     if out.is_dir():
         raise GripbenchError(f"report output {out} is a folder: name the HTML file, e.g. {out / 'report.html'}")
     text = build_report(results, budget)
     try:
-        replace_atomically(out, text.encode("utf-8"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda f: f.write(text.encode("utf-8")))
     except OSError as e:
         reason = "a file is in the way of its folder" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror or e
         raise GripbenchError(f"cannot write report {out}: {reason}") from None

@@ -187,13 +187,17 @@ def plan(model: str, methods: str, tasks: str, budgets: str | list[float], limit
             raise GripbenchError(f"--method-args names {m!r}, which this sweep does not run (methods: {', '.join(names)})")
     bs = parse_budgets(budgets)
 
-    def params(m: str, b: float) -> str:  # validated by the method itself: unknown or ill-typed -> one line
-        return json.dumps(create_method(m, budget=b, seed=seed, **args.get(m, {})).describe_params(), sort_keys=True)
+    def budgets_of(m: str) -> list[float]:
+        return [1.0] if m == "none" else bs  # `none` keeps everything at any budget
+
+    # resolved once per (method, budget), validated by the method itself: unknown or ill-typed -> one line
+    params = {(m, b): json.dumps(create_method(m, budget=b, seed=seed, **args.get(m, {})).describe_params(), sort_keys=True)
+              for m in names for b in budgets_of(m)}
 
     cells = []
     for task in resolve_tasks(tasks):
         for m in names:
-            for b in ([1.0] if m == "none" else bs):  # `none` keeps everything at any budget
+            for b in budgets_of(m):
                 if b == 1.0 and m != "none" and "none" in names:
                     # At rho = 1 every method keeps every token and answers exactly as `none`
                     # (the contract tests check it against the stock model), so the sweep's
@@ -202,7 +206,7 @@ def plan(model: str, methods: str, tasks: str, budgets: str | list[float], limit
                     # Without `none` in the sweep (or by running a method alone at
                     # --budgets 1) the cell runs.
                     continue
-                cells.append(Cell(model, task, m, b, limit, seed, params(m, b)))
+                cells.append(Cell(model, task, m, b, limit, seed, params[m, b]))
     return cells
 
 
