@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
+from scipy.stats import binomtest, wilcoxon
 
 from gripbench import schema
 
@@ -42,16 +42,43 @@ def mean_over_seeds(cells: pd.DataFrame) -> pd.DataFrame:
     return out.assign(n_seeds=grouped.size()).reset_index()[[*group, *rest, "n_seeds"]]
 
 
-def bootstrap_ci(correct: np.ndarray, seed: int = 0, n: int = 1000, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of a 0/1 vector: resample the samples with
-    replacement `n` times (fixed seed, so the same data give the same interval)."""
-    correct = np.asarray(correct, dtype=float)
-    if len(correct) == 0:
+# Units: what CIs and paired tests resample (gripbench/lmms/metrics.py says why). A sample
+# frame has `score` (in [0, 1]), `unit` and `stratum`; one sample is one unit except where a
+# task scores groups (MME's question pairs).
+
+def unit_values(samples: pd.DataFrame) -> pd.DataFrame:
+    """One row per unit: its stratum and value (the mean of its samples' scores, or for a
+    unit of several samples, MME's (acc + acc+) / 2: half the mean plus half all-right)."""
+    by = ["stratum", "unit"]
+    g = samples.groupby(by, sort=True)["score"]
+    mean, size = g.mean(), g.size()
+    allright = samples.assign(right=samples["score"] >= 1.0).groupby(by, sort=True)["right"].all().astype(float)
+    value = mean.where(size == 1, (mean + allright) / 2)
+    return value.rename("value").reset_index()
+
+
+def statistic(samples: pd.DataFrame) -> float:
+    """Mean over strata of the mean unit value: the cell's accuracy recomputed from its samples."""
+    if samples.empty:
+        return float("nan")
+    units = unit_values(samples)
+    return float(units.groupby("stratum")["value"].mean().mean())
+
+
+def bootstrap_ci(samples: pd.DataFrame, seed: int = 0, n: int = 1000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of `statistic`: units resampled with replacement within each
+    stratum (a pair stays a pair), `n` times under a fixed seed."""
+    if samples.empty:
         return float("nan"), float("nan")
+    units = unit_values(samples)
     rng = np.random.default_rng(seed)
-    means = correct[rng.integers(0, len(correct), size=(n, len(correct)))].mean(axis=1)
+    per_stratum = []
+    for _, g in units.groupby("stratum", sort=True):
+        v = g["value"].to_numpy(float)
+        per_stratum.append(v[rng.integers(0, len(v), size=(n, len(v)))].mean(axis=1))
+    stats = np.mean(per_stratum, axis=0)
     alpha = (1 - level) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
 
 
 def with_overall(cells: pd.DataFrame) -> pd.DataFrame:
@@ -205,17 +232,32 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> float:
     return float(binomtest(n10, n01 + n10, 0.5).pvalue)
 
 
+def paired_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided p-value of a paired difference between two cells' unit values: the exact
+    McNemar test where every value is 0 or 1 (right/wrong answers), else the Wilcoxon
+    signed-rank test (soft scores such as VQA accuracy or ANLS, MME's pair values); 1.0 when
+    no unit differs."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all():
+        return mcnemar(a, b)
+    if not (a != b).any():
+        return 1.0
+    return float(wilcoxon(a, b, zero_method="wilcox").pvalue)
+
+
 def paired(samples: pd.DataFrame, hash_a: str, hash_b: str) -> tuple[np.ndarray, np.ndarray]:
-    """Correctness of two cells on the samples they share, aligned by sample id."""
-    a = samples[samples["config_hash"] == hash_a].set_index("sample_id")["correct"]
-    b = samples[samples["config_hash"] == hash_b].set_index("sample_id")["correct"]
+    """Unit values (`unit_values`) of two cells on the units they share, aligned."""
+    def values(h: str) -> pd.Series:
+        return unit_values(samples[samples["config_hash"] == h]).set_index(["stratum", "unit"])["value"]
+
+    a, b = values(hash_a), values(hash_b)
     common = a.index.intersection(b.index)
-    return a.loc[common].to_numpy(bool), b.loc[common].to_numpy(bool)
+    return a.loc[common].to_numpy(float), b.loc[common].to_numpy(float)
 
 
 def significance(cells: pd.DataFrame, samples: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Each method versus the best *other* method at the same (model, task, budget), within one
-    seed (and limit): accuracy difference and McNemar p on per-sample correctness. `none` is
+    seed (and limit): accuracy difference and a paired p-value on the units (`paired_p`). `none` is
     left out (it has no budget)."""
     rows = []
     run = [c for c in RUN if c in cells]
@@ -227,7 +269,7 @@ def significance(cells: pd.DataFrame, samples: pd.DataFrame, alpha: float = 0.05
                 continue
             best = others.loc[others["accuracy"].idxmax()]
             a, b = paired(samples, row["config_hash"], best["config_hash"])
-            p = mcnemar(a, b) if len(a) else float("nan")
+            p = paired_p(a, b) if len(a) else float("nan")
             rows.append({"model": model, "task": task, **{c: row[c] for c in run}, "budget": budget, "method": row["method"],
                          "best_other": best["method"], "diff": float(row["accuracy"] - best["accuracy"]),
                          "n_paired": len(a), "p_value": p, "significant": bool(p < alpha)})

@@ -5,9 +5,10 @@ is compared (`limit` and `seed` where both sides have those columns, so a folder
 seeds compares each seed with itself):
 
 - accuracy regresses only if it drops by more than the tolerance AND the drop is
-  significant under an exact McNemar test on the per-sample correctness of the samples
-  both runs share (so a noisy 2-point wobble on 100 samples does not fail CI, and a real
-  drop within tolerance does not either);
+  significant under a paired test on the units both runs share (`analysis.paired_p`: exact
+  McNemar on right/wrong answers, Wilcoxon signed-rank on soft scores; a unit is a sample,
+  or MME's question pair), so a noisy 2-point wobble on 100 samples does not fail CI, and
+  a real drop within tolerance does not either;
 - FLOPs must match exactly: they are analytic and deterministic, so any change, up or
   down, is a change of the method or of the accounting and fails until it is looked at;
 - latency is compared as the ratio of the cell's end-to-end latency to `none`'s, timed on
@@ -41,7 +42,7 @@ import pandas as pd
 import tomllib
 from scipy.stats import mannwhitneyu
 
-from gripbench.analysis import KEY, mcnemar, paired, ratio_to_none
+from gripbench.analysis import KEY, paired, paired_p, ratio_to_none
 from gripbench.errors import BOOL_WORDS, GripbenchError
 from gripbench.store import ResultsStore
 
@@ -236,10 +237,10 @@ def compare(results: str | Path, reference: str | Path, tol: Tolerances = Tolera
             continue
         a_ref, a_new = float(r["accuracy_ref"]), float(r["accuracy_new"])
         x, y = paired(both, "ref:" + r["config_hash_ref"], "new:" + r["config_hash_new"])
-        p = mcnemar(x, y) if len(x) else 1.0
+        p = paired_p(x, y) if len(x) else 1.0
         if abs(a_new - a_ref) > tol.acc and p < tol.alpha:
             add(r, "accuracy", a_ref, a_new, "regressed" if a_new < a_ref else "improved",
-                f"McNemar p={p:.2g} on {len(x)} paired samples")
+                f"paired p={p:.2g} on {len(x)} units")
         f_ref, f_new = float(r["flops_total_ref"]), float(r["flops_total_new"])
         if f_ref != f_new and not (np.isnan(f_ref) and np.isnan(f_new)):
             add(r, "flops_total", f_ref, f_new, "regressed" if f_new > f_ref else "changed",
@@ -263,7 +264,7 @@ def latency_rule(tol: Tolerances) -> str:
 
 def rules(tol: Tolerances) -> str:
     """Every gate in words, for the final line of `gripbench check`."""
-    return f"acc tolerance -{tol.acc:g} with McNemar p < {tol.alpha:g}, FLOPs exact, {latency_rule(tol)}"
+    return f"acc tolerance -{tol.acc:g} with paired p < {tol.alpha:g}, FLOPs exact, {latency_rule(tol)}"
 
 
 def render(findings: pd.DataFrame, tol: Tolerances = Tolerances()) -> str:

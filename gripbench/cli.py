@@ -69,7 +69,8 @@ def _cmd_sweep(args) -> int:
 
     res = run_sweep(model=args.model, methods=args.methods, tasks=args.tasks, budgets=args.budgets, limit=args.limit,
                     out=args.out, seed=args.seed, executor=args.executor, batch_size=args.batch_size, verbose=args.verbose,
-                    keep_stale=args.keep_stale, method_args=args.method_args)
+                    keep_stale=args.keep_stale, method_args=args.method_args, include_path=args.include_path,
+                    allow_judge=args.allow_judge)
     rate = res.ran / (res.seconds / 60) if res.seconds > 0 else 0.0
     stale = f" ({res.stale} stale recomputed)" if res.stale and not res.kept_stale else (
         f" ({res.kept_stale} of them stale, kept with --keep-stale)" if res.kept_stale else "")
@@ -83,7 +84,8 @@ def _cmd_train(args) -> int:
     from pathlib import Path
 
     from gripbench.engine import Engine
-    from gripbench.grip.method import WEIGHTS, load_scorer
+    from gripbench.grip.data import load_data
+    from gripbench.grip.method import WEIGHTS, check_scorer_model, load_scorer, scorer_metadata
     from gripbench.grip.train import ScorerTrainConfig, train_dynamicvit, train_grpo, train_warmup
     from gripbench.store import disk_error
     from gripbench.zoo import load
@@ -94,6 +96,12 @@ def _cmd_train(args) -> int:
             raise GripbenchError("--steps must be at least 1")
         key = {"warmup": "warmup_steps", "grip": "grpo_steps", "dynamicvit": "dynamicvit_steps"}[args.what]
         cfg = replace(cfg, **{key: args.steps})
+    for name in ("batch", "val_every", "val_samples"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise GripbenchError(f"--{name.replace('_', '-')} must be at least 1")
+            cfg = replace(cfg, **{name: value})
     out = Path(args.out or f"results/train-{args.what}")
     if out.exists() and not out.is_dir():
         raise GripbenchError(f"--out {out} is a file: give a folder for the scorer and its log")
@@ -109,17 +117,22 @@ def _cmd_train(args) -> int:
                 ref = WEIGHTS / "grip-warmup.safetensors"
             if not ref.exists():
                 raise GripbenchError(f"no warm-up scorer at {ref}: run `gripbench train warmup` first or pass --reference")
+        scorer_metadata(ref)  # readable before the model loads
+    data = load_data(args.data, seed=cfg.seed, val_per_task=cfg.val_per_task, val_samples=cfg.val_samples,
+                     val_fraction=cfg.val_fraction, include_path=args.include_path, columns=args.columns)
     engine = Engine(*load(args.model))
+    if ref is not None:
+        check_scorer_model(ref, engine.model)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise disk_error(e, f"--out {out}") from None
     if args.what == "warmup":
-        train_warmup(engine, cfg, out)
+        train_warmup(engine, cfg, out, data=data)
     elif args.what == "dynamicvit":
-        train_dynamicvit(engine, cfg, out)
+        train_dynamicvit(engine, cfg, out, data=data)
     else:
-        train_grpo(engine, cfg, out, load_scorer(str(ref)))
+        train_grpo(engine, cfg, out, load_scorer(str(ref)), data=data, reference_meta=scorer_metadata(ref))
     print(f"scorer and training log written to {out}")
     return 0
 
@@ -132,7 +145,8 @@ def _cmd_eval(args) -> int:
     if set(params) - {args.method}:
         raise GripbenchError(f"--method-args names {sorted(set(params) - {args.method})[0]!r}, not --method {args.method!r}")
     evaluate_tasks(model=args.model, method=args.method, budget=args.budget, tasks=args.tasks,
-                   limit=args.limit, batch_size=args.batch_size, seed=args.seed, params=params.get(args.method, {}))
+                   limit=args.limit, batch_size=args.batch_size, seed=args.seed, params=params.get(args.method, {}),
+                   include_path=args.include_path, allow_judge=args.allow_judge)
     return 0
 
 
@@ -187,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="accuracy, FLOPs and latency for every method x budget x task (resumable)")
     sw.add_argument("--model", default="embedded", help="embedded, a local checkpoint folder, or a Hugging Face id")
     sw.add_argument("--methods", default="all")
-    sw.add_argument("--tasks", default="all", help="embedded task names, or lmms-eval task names")
+    sw.add_argument("--tasks", default="all", help="embedded task names ('all': the embedded suite), or any lmms-eval "
+                    "task or group (pope, mme, textvqa_val, ...; with --include-path, your own)")
     sw.add_argument("--budgets", default="1,0.5,0.25,0.125,0.0625")
     sw.add_argument("--limit", type=int, default=300,
                     help="questions per task (default 300: 95%% CI half-width about 4 points at 85%% accuracy)")
@@ -197,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--seed", type=int, default=0)
     sw.add_argument("--method-args", help="typed method parameters, e.g. 'fastv:K=2,R=0.5;grip:scorer=PATH' "
                     "(see `gripbench methods`); recorded in each cell's method_params")
+    _task_options(sw)
     sw.add_argument("--verbose", action="store_true", help="show lmms-eval's logs and per-task progress bars")
     sw.add_argument("--keep-stale", action="store_true", help="reuse finished cells whose method code, weights, task or "
                     "gripbench code changed since (recorded in the manifest); by default they are recomputed")
@@ -214,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--acc-tol", help="largest accuracy drop that is not a regression, e.g. -0.02 or --acc-tol=-2%% "
                     "(default 0.02)")
     ck.add_argument("--latency-tol", help="largest growth of the latency ratio to none, e.g. +10%% (default 25%%)")
-    ck.add_argument("--alpha", help="significance level of McNemar (accuracy) and Mann-Whitney (latency runs) (default 0.05)")
+    ck.add_argument("--alpha", help="significance level of the paired accuracy test (McNemar, or Wilcoxon on soft "
+                    "scores) and of Mann-Whitney on latency runs (default 0.05)")
     ck.add_argument("--latency-gate", metavar="{fail,warn}",
                     help="fail (default): a significant latency regression fails; warn: it is reported as slower")
     ck.add_argument("--tolerance", help="all at once, e.g. acc:-0.02,latency_ratio:+10%%,min_cpu_share:0.8,latency_gate:warn")
@@ -228,20 +245,40 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="output folder (default results/train-WHAT)")
     tr.add_argument("--reference", help="grip: the warm-up scorer to start from and stay close to")
     tr.add_argument("--steps", type=int)
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=int, default=0, help="seeds the data order, the validation carve, budgets and noise")
+    tr.add_argument("--data", default="embedded", metavar="SPEC",
+                    help="what to train on: embedded (the procedural suite; default), lmms:TASK[:SPLIT] (an lmms-eval "
+                    "task, scored by its own metric; default split: its training split, else validation, else test), "
+                    "a folder with data.jsonl or a .jsonl file ({image: relative path, question, answer} per line), or "
+                    "a folder written by datasets' save_to_disk [PATH:SPLIT]; a validation part is carved out under --seed")
+    tr.add_argument("--include-path", help="a folder of lmms-eval task YAMLs (for --data lmms:TASK)")
+    tr.add_argument("--columns", help="JSONL/saved dataset: which fields hold image, question and answer, "
+                    "e.g. image=img,question=q,answer=a")
+    tr.add_argument("--batch", type=int, help="questions per step (default 16)")
+    tr.add_argument("--val-every", type=int, help="validate every N steps (default 100, and at the end)")
+    tr.add_argument("--val-samples", type=int, help="non-embedded data: at most N held-out validation samples "
+                    "(default 300, at most 20%% of the data)")
     tr.set_defaults(fn=_cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate one method at one budget on the embedded tasks")
+    ev = sub.add_parser("eval", help="evaluate one method at one budget on embedded or lmms-eval tasks")
     ev.add_argument("--model", default="embedded")
     ev.add_argument("--method", default="none")
     ev.add_argument("--budget", type=float, default=1.0)
-    ev.add_argument("--tasks", default="all")
+    ev.add_argument("--tasks", default="all", help="as for sweep: embedded names, or any lmms-eval task or group")
     ev.add_argument("--limit", type=int, default=None, help="questions per task (default: the whole test split)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--method-args", help="typed parameters of the method, e.g. 'fastv:K=2,R=0.5'")
+    _task_options(ev)
     ev.set_defaults(fn=_cmd_eval)
     return p
+
+
+def _task_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-path", action="append", metavar="DIR",
+                   help="a folder of your own lmms-eval task YAMLs (repeatable); renamed copies of stock tasks included")
+    p.add_argument("--allow-judge", action="store_true",
+                   help="run tasks scored by an external LLM judge (e.g. MMBench's GPT matching); refused by default")
 
 
 class _Version(argparse.Action):

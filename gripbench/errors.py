@@ -15,7 +15,12 @@ class GripbenchError(Exception):
 def unknown(kind: str, name: str, known: list[str]) -> GripbenchError:
     """'unknown method 'fastvv' (did you mean 'fastv'?)' with the closest valid names."""
     close = difflib.get_close_matches(name, known, n=2, cutoff=0.5)
-    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else f" (known: {', '.join(sorted(known))})"
+    if close:
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    elif len(known) <= 30:
+        hint = f" (known: {', '.join(sorted(known))})"
+    else:  # lmms-eval knows ~2,000 tasks: a list that long is no help on one line
+        hint = f" ({len(known)} known; list them with `lmms-eval --tasks list`)"
     return GripbenchError(f"unknown {kind} {name!r}{hint}")
 
 

@@ -253,6 +253,12 @@ def metadata_html(cells: pd.DataFrame, manifest: dict) -> str:
                             "lmms_eval_version", "gripbench_version", "git_commit", "batch_size", "seed") if c in cells]
     env = {c: ", ".join(sorted({str(v) for v in cells[c].dropna()})) for c in env_cols}
     env["samples per cell"] = ", ".join(f"{t}: {n}" for t, n in cells.groupby("task")["n_samples"].max().items())
+    if "metric" in cells:  # accuracy is each task's own headline metric, on [0, 1]
+        units = cells.get("accuracy_unit", pd.Series("sample", index=cells.index)).fillna("sample")
+        env["accuracy = each task's metric"] = ", ".join(
+            f"{t}: {m.split(',')[0]}" + (f" ({m.split(',')[1]} filter)" if m.split(",")[1:] not in ([], ["none"]) else "")
+            + (f", resampled by {u}" if u != "sample" else "")
+            for (t, m, u) in sorted(set(zip(cells["task"], cells["metric"].fillna("exact_match,none"), units))))
     env["cells"] = str(len(cells))
     env["command"] = manifest.get("command", "–")
     rows = "".join(f"<tr><th class=l>{html.escape(k)}</th><td class=l>{html.escape(str(v))}</td></tr>" for k, v in env.items())
@@ -285,7 +291,8 @@ def build_report(results: str | Path, budget: float = 0.25) -> str:
          "the unpruned model's, over the span every method covers (1.0 = no loss at any cost).</p>"
          + (frame_html(auc.pivot_table(index="method", columns="task", values="auc").reset_index()) if not auc.empty else "")),
         (f"Paired significance at budget {focus:g}", "<p class=note>Each method vs the best other method on the same "
-         f"samples{', within each seed' if seeds else ''}: accuracy difference and exact McNemar p (significant: p &lt; 0.05).</p>"
+         f"samples{', within each seed' if seeds else ''}: accuracy difference and paired p over units (exact "
+         "McNemar on right/wrong answers, Wilcoxon signed-rank on soft scores; significant: p &lt; 0.05).</p>"
          + (frame_html(sig.drop(columns=["model", "budget"]), pct=["diff"]) if not sig.empty else "")),
     ]
     others = []

@@ -8,7 +8,11 @@ Markdown (docs/results-schema.md is that output; a test keeps the two equal).
 
 Version history: 1, the landed layout before cell identity (no identity columns; such
 folders still load, and a resume treats their cells as stale, saying why); 2, identity
-columns (`gripbench.provenance`), per-run latency ratios, CPU share, per-cell peak memory.
+columns (`gripbench.provenance`), per-run latency ratios, CPU share, per-cell peak memory;
+3, each task scored by its own metric (`metric`, `metric_value`, `score_mean`,
+`accuracy_unit`; per-sample `score` in [0, 1] with its resampling `unit` and `stratum`, in
+place of the boolean `correct`), latency timed per task. Older folders are read through
+`upgrade` (their samples' `correct` becomes `score`; their cells were scored by exact match).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import pandas as pd
 
 from gripbench.errors import GripbenchError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,14 @@ CELL = (
     Column("task_sha256", "str", "", "the task's YAML and Python (its metric), or the embedded generator"),
     Column("code_sha256", "str", "", "gripbench code that runs a cell, and the tracked package versions"),
     Column("n_samples", "int", "samples", "samples evaluated", True),
-    Column("accuracy", "float", "fraction", "mean per-sample correctness", True),
-    Column("accuracy_ci_low", "float", "fraction", "bootstrap 95% CI, lower bound"),
+    Column("metric", "str", "", "lmms-eval results key of the task's headline metric, e.g. 'pope_accuracy,none'"),
+    Column("metric_value", "float", "the metric's", "lmms-eval's aggregate of that metric, as it reports it"),
+    Column("accuracy", "float", "fraction", "the headline metric on [0, 1] (gripbench/lmms/metrics.py: how it relates to "
+           "metric_value)", True),
+    Column("score_mean", "float", "fraction", "mean of the per-sample scores (differs from accuracy where the metric is "
+           "not a mean, e.g. MME's acc + acc+ over question pairs)"),
+    Column("accuracy_unit", "str", "", "what CIs and paired tests resample: 'sample' or 'question pair'"),
+    Column("accuracy_ci_low", "float", "fraction", "bootstrap 95% CI over units (within strata), lower bound"),
     Column("accuracy_ci_high", "float", "fraction", "bootstrap 95% CI, upper bound"),
     Column("tokens_llm_input", "float", "tokens", "visual tokens entering LLM layer 0 (mean over samples)"),
     Column("tokens_layer_avg", "float", "tokens", "visual tokens averaged over LLM layers"),
@@ -74,7 +84,8 @@ CELL = (
     Column("flops_scorer", "float", "FLOPs", "the method's own selection work"),
     Column("flops_llm_prefill", "float", "FLOPs", "LLM prefill with the tokens present at each layer"),
     Column("flops_decode_per_token", "float", "FLOPs", "one decoding step"),
-    Column("latency_vision_ms", "float", "ms", "median over timed runs, whole latency batch"),
+    Column("latency_vision_ms", "float", "ms", "median over timed runs, whole latency batch (the cell's task's own "
+           "prompts and images)"),
     Column("latency_scorer_ms", "float", "ms", "the method's selection, median"),
     Column("latency_prefill_ms", "float", "ms", "LLM prefill without selection, median"),
     Column("latency_decode_ms_per_token", "float", "ms", "median per decoding step"),
@@ -85,7 +96,6 @@ CELL = (
     Column("latency_ratio_runs", "list", "ratio", "each timed run's e2e / the paired `none` run's"),
     Column("latency_cpu_share", "float", "fraction", "process CPU time / (wall x torch threads) while timing; NaN on CUDA"),
     Column("latency_batch_size", "int", "samples", "rows of the timed batch"),
-    Column("latency_task", "str", "", "task whose batch was timed"),
     Column("peak_memory_bytes", "float", "bytes", "the cell's own peak: CUDA allocated, or resident memory on CPU"),
     Column("kv_cache_bytes", "float", "bytes", "KV cache of one sample after decoding"),
     Column("batch_size", "int", "samples", "evaluation batch size"),
@@ -104,7 +114,9 @@ CELL = (
 SAMPLE = (
     Column("config_hash", "str", "", "the cell", True),
     Column("sample_id", "str", "", "the task's sample id (doc id where it has none)", True),
-    Column("correct", "bool", "", "the answer counts as right", True),
+    Column("score", "float", "fraction", "the task's own per-sample metric (its process_results), in [0, 1]", True),
+    Column("unit", "str", "", "resampling unit of CIs and paired tests (the sample, or e.g. MME's question pair)"),
+    Column("stratum", "str", "", "stratum of that unit (MME's category; empty elsewhere)"),
     Column("prediction", "str", "", "the model's answer after the task's filters"),
     Column("target", "str", "", "the reference answer"),
     Column("kept_indices", "list", "token index", "visual tokens (0-based in the image) surviving the last pruning step"),
@@ -131,6 +143,19 @@ def validate(frame: pd.DataFrame, columns: tuple[Column, ...], where: str, write
     for c in columns:
         if c.name in frame.columns and len(frame) and not _KINDS[c.kind](frame[c.name]):
             raise GripbenchError(f"{where}: column {c.name!r} should hold {c.kind} values, not {frame[c.name].dtype}")
+
+
+def upgrade(frame: pd.DataFrame, columns: tuple[Column, ...]) -> pd.DataFrame:
+    """A frame written by an older schema, in this version's columns (before validation):
+    schema 1-2 samples held a boolean `correct` (exact match), now `score`; their cells were
+    scored by that exact match, one sample one unit."""
+    if columns is SAMPLE and "score" not in frame and "correct" in frame:
+        frame = frame.assign(score=frame["correct"].astype(float), unit=frame["sample_id"].astype(str), stratum="")
+    if columns is CELL and "metric" not in frame and "accuracy" in frame:
+        frame = frame.assign(metric="exact_match,none", accuracy_unit="sample")
+        if pd.api.types.is_numeric_dtype(frame["accuracy"]):  # else validation names the bad column
+            frame = frame.assign(metric_value=frame["accuracy"], score_mean=frame["accuracy"])
+    return frame
 
 
 def markdown() -> str:

@@ -107,6 +107,7 @@ def _read(path: Path, columns: tuple[schema.Column, ...]) -> pd.DataFrame:
         df = pq.read_table(path).to_pandas()
     except Exception as e:  # pyarrow raises several types for truncated/garbage files
         raise GripbenchError(f"corrupt results file {path}: {str(e).splitlines()[0]}") from None
+    df = schema.upgrade(df, columns)
     schema.validate(df, columns, str(path))
     return df
 

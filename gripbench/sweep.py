@@ -14,6 +14,7 @@ One cell = (model, task, method, method params, budget, limit, seed). For each c
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -22,6 +23,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -36,6 +38,7 @@ from gripbench import schema
 from gripbench.analysis import bootstrap_ci
 from gripbench.errors import GripbenchError, check_budget, unknown
 from gripbench.flops import Arch, cell_flops
+from gripbench.lmms import metrics
 from gripbench.methods import create_method, parse_method_args, registry
 from gripbench.versions import environment_versions
 
@@ -137,13 +140,27 @@ def resume_state(cells: list[Cell], finished: pd.DataFrame) -> Resume:
     return state
 
 
-def resolve_tasks(tasks: str) -> list[str]:
-    """Embedded short names (or 'all') -> lmms-eval task names; other names pass through."""
+def resolve_tasks(tasks: str, include_path=None, allow_judge: bool = False) -> dict[str, str | None]:
+    """Task names -> {lmms-eval task: its YAML path (None for the embedded tasks)}.
+
+    'all' is the embedded suite; embedded short names map to their lmms-eval names; any other
+    name is an lmms-eval task or group (expanded into its tasks) from the stock tasks or the
+    `include_path` folders. Unknown names get "did you mean". A task scored by an external LLM
+    judge is refused unless `allow_judge` (offline it retries for minutes per answer; online
+    its score moves with the judge)."""
+    from gripbench.lmms import catalog
     from gripbench.lmms.tasks import task_name
     from gripbench.tasks.suite import TASKS
 
     names = list(TASKS) if tasks == "all" else _names(tasks, "tasks")
-    return list(dict.fromkeys(task_name(t) if t in TASKS else t for t in names))
+    names = list(dict.fromkeys(task_name(t) if t in TASKS else t for t in names))
+    paths = catalog.resolve(names, include_path, embedded=tuple(task_name(t) for t in TASKS), aliases=tuple(TASKS))
+    if not allow_judge:
+        for task, path in paths.items():
+            if marker := metrics.judge_marker(path):
+                raise GripbenchError(f"task {task!r} is scored by an external LLM judge ({marker}); "
+                                     "pass --allow-judge to run it anyway (needs the judge's API key and network)")
+    return paths
 
 
 def parse_budgets(budgets: str | list[float]) -> list[float]:
@@ -172,10 +189,12 @@ def _names(text: str, what: str) -> list[str]:
     return names
 
 
-def plan(model: str, methods: str, tasks: str, budgets: str | list[float], limit: int | None, seed: int,
-         method_args: str | dict | None = None) -> list[Cell]:
-    """The cells of a sweep. `method_args` ('fastv:K=2,R=0.5;grip:scorer=PATH' or its parsed
-    dict) sets methods' typed parameters; each cell records them resolved, defaults included."""
+def plan(model: str, methods: str, tasks: str | dict[str, str | None], budgets: str | list[float], limit: int | None,
+         seed: int, method_args: str | dict | None = None, include_path=None) -> list[Cell]:
+    """The cells of a sweep. `tasks` is a names string or `resolve_tasks`' output. `method_args`
+    ('fastv:K=2,R=0.5;grip:scorer=PATH' or its parsed dict) sets methods' typed parameters;
+    each cell records them resolved, defaults included. A task scored over question pairs
+    (MME) gets `limit` rounded up to an even number, so its last pair stays whole."""
     known = registry().names()
     names = known if methods == "all" else _names(methods, "methods")
     for m in names:
@@ -195,7 +214,9 @@ def plan(model: str, methods: str, tasks: str, budgets: str | list[float], limit
               for m in names for b in budgets_of(m)}
 
     cells = []
-    for task in resolve_tasks(tasks):
+    task_paths = resolve_tasks(tasks, include_path) if isinstance(tasks, str) else tasks
+    for task, path in task_paths.items():
+        task_limit = metrics.pair_limit(limit, path)
         for m in names:
             for b in budgets_of(m):
                 if b == 1.0 and m != "none" and "none" in names:
@@ -206,30 +227,18 @@ def plan(model: str, methods: str, tasks: str, budgets: str | list[float], limit
                     # Without `none` in the sweep (or by running a method alone at
                     # --budgets 1) the cell runs.
                     continue
-                cells.append(Cell(model, task, m, b, limit, seed, params[m, b]))
+                cells.append(Cell(model, task, m, b, task_limit, seed, params[m, b]))
     return cells
 
 
-def check_tasks(tasks: list[str]) -> dict[str, str | None]:
-    """Embedded tasks are always known; other names must be lmms-eval tasks (indexed only then).
-    Returns each task's YAML path (None for the embedded ones), part of its identity."""
-    from gripbench.lmms.tasks import PREFIX
+def check_data(tasks: list[str], include_path=None) -> None:
+    """Load each lmms-eval task's dataset once before anything is written: offline, a dataset
+    missing from the cache is one line naming it, not a retry traceback mid-sweep (loaded
+    datasets are cached by `datasets`, so the sweep's own load is then quick)."""
+    from gripbench.lmms.catalog import load_task
 
-    paths: dict[str, str | None] = {t: None for t in tasks if t.startswith(PREFIX)}
-    others = [t for t in tasks if not t.startswith(PREFIX)]
-    if not others:
-        return paths
-    from lmms_eval.tasks import TaskManager
-
-    from gripbench.tasks.suite import TASKS
-
-    tm = TaskManager()
-    for t in others:
-        if t not in tm.all_tasks:
-            raise unknown("task", t, list(TASKS) + sorted(tm.all_tasks))
-        path = tm.task_index[t].get("yaml_path")
-        paths[t] = path if isinstance(path, str) else None
-    return paths
+    for task in tasks:
+        load_task(task, include_path)
 
 
 def git_commit() -> str | None:
@@ -306,7 +315,8 @@ def peak_memory(device: torch.device) -> float:
 class Runner:
     """Runs cells on one loaded model; reusable across cells (one engine, one plugin instance)."""
 
-    def __init__(self, model: str, batch_size: int = 32, verbose: bool = False, tasks: list[str] | None = None):
+    def __init__(self, model: str, batch_size: int = 32, verbose: bool = False, tasks: list[str] | None = None,
+                 include_path=None):
         from lmms_eval.tasks import TaskManager
 
         from gripbench.engine import Engine
@@ -324,14 +334,21 @@ class Runner:
         embedded = None if tasks is None else [t.removeprefix(PREFIX) for t in tasks if t.startswith(PREFIX)]
         self.include_path = str(materialize(embedded))
         self.tm = TaskManager(include_path=self.include_path, include_defaults=False)
-        self._full_tm = None
+        self.user_paths = [] if not include_path else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+        # Some stock tasks write side files where lmms-eval's output path points, or into the
+        # working directory without one (textvqa: submissions/, ocrbench: results/ocrbench_results.txt,
+        # inside the user's results folder): give them a scratch folder of their own.
+        self._scratch = tempfile.TemporaryDirectory(prefix="gripbench-lmms-")
+        self.cli_args = argparse.Namespace(output_path=self._scratch.name, process_with_media=True)
         self.arch = Arch.from_config(self.engine.model.config)
         self.env = environment(self.engine)
-        self._latency: dict[tuple, dict] = {}
 
     def task_manager(self, task: str):
+        """The embedded tasks' own index when it has the task (no stock indexing), else lmms-eval's
+        full index plus the embedded folder and the user's include paths."""
         from lmms_eval.tasks import TaskManager
 
+        from gripbench.lmms import catalog
         from gripbench.lmms.tasks import PREFIX, materialize
 
         if task in self.tm.all_tasks:
@@ -340,42 +357,57 @@ class Runner:
             materialize([task.removeprefix(PREFIX)])
             self.tm = TaskManager(include_path=self.include_path, include_defaults=False)
             return self.tm
-        if self._full_tm is None:  # indexing lmms-eval's ~2,000 stock tasks costs seconds: only when needed
-            self._full_tm = TaskManager(include_path=self.include_path)
-        if task not in self._full_tm.all_tasks:
-            raise unknown("task", task, sorted(self.tm.all_tasks) + ["(any lmms-eval task)"])
-        return self._full_tm
+        return catalog.task_manager([self.include_path, *self.user_paths])
 
-    def run(self, cell: Cell) -> tuple[dict, pd.DataFrame]:
+    def evaluate(self, task: str, method, limit: int | None, seed: int) -> tuple[list[dict], metrics.CellMetric]:
+        """lmms-eval's `simple_evaluate` of one task with `method`: its logged samples and the
+        task's own metric read from them (gripbench/lmms/metrics.py)."""
         from lmms_eval.evaluator import simple_evaluate
 
-        method = create_method(cell.method, budget=cell.budget, seed=cell.seed, **json.loads(cell.method_params))
+        from gripbench.lmms import catalog
+
         self.lm.set_method(method)
-        reset_peak_memory(self.engine.device)
+        metrics.reset_accumulators()
         with contextlib.ExitStack() as quiet:
-            if not self.verbose:  # lmms-eval's per-task progress bars write to stderr
-                quiet.enter_context(contextlib.redirect_stderr(quiet.enter_context(open(os.devnull, "w"))))
-            out = simple_evaluate(model=self.lm, tasks=[cell.task], limit=cell.limit,
-                                  task_manager=self.task_manager(cell.task), log_samples=True, batch_size=self.batch_size,
-                                  random_seed=cell.seed, numpy_random_seed=cell.seed, torch_random_seed=cell.seed,
-                                  verbosity="INFO" if self.verbose else "ERROR")
-        logged = out["samples"][cell.task]
+            if not self.verbose:  # lmms-eval's per-task progress bars write to stderr, some task code prints
+                devnull = quiet.enter_context(open(os.devnull, "w"))
+                quiet.enter_context(contextlib.redirect_stderr(devnull))
+                quiet.enter_context(contextlib.redirect_stdout(devnull))
+            with catalog.missing_data(task):
+                out = simple_evaluate(model=self.lm, tasks=[task], limit=limit,
+                                      task_manager=self.task_manager(task), log_samples=True, batch_size=self.batch_size,
+                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                      verbosity="INFO" if self.verbose else "ERROR", cli_args=self.cli_args)
+        if out is None or task not in out.get("samples", {}):
+            raise GripbenchError(f"task {task!r}: lmms-eval returned no results")
+        logged = out["samples"][task]
+        return logged, metrics.read_cell(task, out["configs"][task], out["results"][task], logged)
+
+    def run(self, cell: Cell) -> tuple[dict, pd.DataFrame]:
+        method = create_method(cell.method, budget=cell.budget, seed=cell.seed, **json.loads(cell.method_params))
+        reset_peak_memory(self.engine.device)
+        logged, scored = self.evaluate(cell.task, method, cell.limit, cell.seed)
         records = {r["doc_id"]: r for r in self.lm.records}
+        per_doc = scored.samples.set_index("doc_id")
         rows = []
         for s in logged:
-            rec, doc = records[s["doc_id"]], s["doc"]  # the logged doc has every field but the image
-            correct = bool(s.get("exact_match", 0.0) >= 1.0)
+            if s["doc_id"] not in per_doc.index:  # e.g. an MME cognition question when the headline is perception
+                continue
+            rec, doc, sc = records[s["doc_id"]], s["doc"], per_doc.loc[s["doc_id"]]  # the logged doc lacks its image
             evidence = list(doc.get("evidence") or [])
             recall = len(set(evidence) & set(rec["kept_indices"])) / len(evidence) if evidence else np.nan
             pred = s["filtered_resps"][0] if isinstance(s["filtered_resps"], list) else s["filtered_resps"]
-            rows.append({"sample_id": str(doc.get("sample_id", s["doc_id"])), "correct": correct,
+            sample_id = doc.get("sample_id", doc.get("question_id", s["doc_id"]))
+            rows.append({"sample_id": str(sample_id) if sample_id is not None else str(s["doc_id"]),
+                         "score": float(sc["score"]), "unit": str(sc["unit"]), "stratum": str(sc["stratum"]),
                          "prediction": str(pred), "target": str(s.get("target", "")),
                          "kept_indices": [int(i) for i in rec["kept_indices"]], "evidence_recall": recall,
                          "tokens_llm_input": rec["tokens_llm_input"], "tokens_layer_avg": rec["tokens_layer_avg"],
                          "tokens_kv": rec["tokens_kv"], "prompt_tokens": rec["prompt_tokens"], "new_tokens": rec["new_tokens"]})
         samples = pd.DataFrame(rows)
-        correct = samples["correct"].to_numpy(dtype=float)
-        lo, hi = bootstrap_ci(correct, cell.seed)
+        if samples["sample_id"].duplicated().any():  # e.g. MME's question_id names the image, shared by a pair
+            samples["sample_id"] = [str(s["doc_id"]) for s in logged if s["doc_id"] in per_doc.index]
+        lo, hi = bootstrap_ci(samples, cell.seed)
         text_tokens = float(samples["prompt_tokens"].mean()) - self.engine.info.num_visual_tokens
         per_layer = self.lm.records[0]["visual_per_layer"]
         new = max(1, round(samples["new_tokens"].mean()))
@@ -384,41 +416,31 @@ class Runner:
         kv_tokens = [text_tokens + v + new for v in per_layer]
         bytes_per = torch.finfo(next(self.engine.model.parameters()).dtype).bits // 8
         kv_bytes = sum(2 * t * self.arch.kv_heads * self.arch.head_dim * bytes_per for t in kv_tokens)
-        row = {**cell.record(), "n_samples": len(samples),
-               "accuracy": float(correct.mean()), "accuracy_ci_low": lo, "accuracy_ci_high": hi,
+        row = {**cell.record(), "n_samples": len(samples), "metric": scored.metric, "metric_value": scored.metric_value,
+               "accuracy": scored.accuracy, "score_mean": scored.score_mean, "accuracy_unit": scored.unit,
+               "accuracy_ci_low": lo, "accuracy_ci_high": hi,
                "tokens_llm_input": float(samples["tokens_llm_input"].mean()),
                "tokens_layer_avg": float(samples["tokens_layer_avg"].mean()), "tokens_kv": float(samples["tokens_kv"].mean()),
                "evidence_recall": float(samples["evidence_recall"].mean()) if samples["evidence_recall"].notna().any() else np.nan,
-               **flops, **self.cached_latency(cell, method, logged), "kv_cache_bytes": float(kv_bytes),
+               **flops, **self.latency(cell, method), "kv_cache_bytes": float(kv_bytes),
                "peak_memory_bytes": peak_memory(self.engine.device),
                "batch_size": self.batch_size, **self.env, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return row, samples.drop(columns=["prompt_tokens", "new_tokens", "tokens_llm_input", "tokens_layer_avg", "tokens_kv"])
 
-    def cached_latency(self, cell: Cell, method, logged: list[dict]) -> dict:
-        """Latency is measured once per (method, params, budget) per run, on the first task's
-        batch, and reused for that configuration's other tasks (`latency_task` says which):
-        the questions differ by a few text tokens, the compute by well under the timing noise,
-        and it keeps the protocol's repeated runs from dominating the sweep's wall time."""
-        key = (cell.model, cell.method, cell.method_params, cell.budget, cell.seed)
-        if key not in self._latency:
-            self._latency[key] = {**self.latency(cell, method, logged), "latency_task": cell.task}
-        return self._latency[key]
-
-    def latency(self, cell: Cell, method, logged: list[dict]) -> dict:
+    def latency(self, cell: Cell, method) -> dict:
         """Warm-up excluded; repeated timed runs on a fixed batch; medians (and p10/p90 end to end).
 
-        Each timed run of the method is paired with a run of `none` on the same batch right
-        after it (`latency_none_e2e_ms`): the ratio of the two medians is what `gripbench
-        check` gates. Why paired: a ratio against the `none` cell, timed once minutes earlier,
-        moves with whatever else the machine does in between (seen in CI: 4-6x under a
-        changing load); two runs a few hundred milliseconds apart share that load."""
-        from gripbench.lmms.task_utils import doc_to_text, doc_to_visual
-
-        split = next(iter(self.lm.task_dict[cell.task]))
-        data = self.lm.task_dict[cell.task][split]
-        docs = [data[s["doc_id"]] for s in logged[:LATENCY_BATCH]]  # logged docs lack their images
+        The batch is the cell's own task's first requests, as lmms-eval built them (the task's
+        prompt template and images, captured by the plugin during the accuracy pass), so a
+        task with longer prompts or other image sizes is timed on those. Each timed run of the
+        method is paired with a run of `none` on the same batch right after it
+        (`latency_none_e2e_ms`): the ratio of the two medians is what `gripbench check` gates.
+        Why paired: a ratio against the `none` cell, timed once minutes earlier, moves with
+        whatever else the machine does in between (seen in CI: 4-6x under a changing load);
+        two runs a few hundred milliseconds apart share that load."""
+        images, prompts = zip(*self.lm.inputs[cell.task][:LATENCY_BATCH])
         e = self.engine
-        batch = e.prepare([doc_to_visual(d)[0] for d in docs], [doc_to_text(d) for d in docs])
+        batch = e.prepare(list(images), list(prompts))
         cuda = e.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         unpruned = create_method("none")
@@ -452,7 +474,7 @@ class Runner:
                 "latency_e2e_p10_ms": float(np.percentile(e2e, 10)), "latency_e2e_p90_ms": float(np.percentile(e2e, 90)),
                 "latency_none_e2e_ms": statistics.median(none_e2e) * 1e3,
                 "latency_ratio_runs": [r["e2e"] / n for r, n in zip(runs, none_e2e)],
-                "latency_cpu_share": cpu_share, "latency_batch_size": len(docs)}
+                "latency_cpu_share": cpu_share, "latency_batch_size": len(prompts)}
 
 
 @dataclass
@@ -469,7 +491,7 @@ class SweepResult:
 def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all", budgets=DEFAULT_BUDGETS,
               limit: int | None = None, out: str | Path | None = None, seed: int = 0, executor: str = "local",
               batch_size: int = 32, progress: bool = True, verbose: bool = False, keep_stale: bool = False,
-              method_args: str | dict | None = None) -> SweepResult:
+              method_args: str | dict | None = None, include_path=None, allow_judge: bool = False) -> SweepResult:
     """Plan, skip finished cells, run the rest, write each at once. Resumable.
 
     Everything that can fail on bad input (names, budgets, the model, the folder) is checked
@@ -485,10 +507,11 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
         raise GripbenchError("--batch-size must be at least 1")
     if executor not in ("local", "ray"):
         raise GripbenchError(f"unknown executor {executor!r} (local or ray)")
-    cells = plan(model, methods, tasks, budgets, limit, seed, method_args)
-    yaml_paths = check_tasks(sorted({c.task for c in cells}))
+    yaml_paths = resolve_tasks(tasks, include_path, allow_judge)
+    cells = plan(model, methods, yaml_paths, budgets, limit, seed, method_args)
     check_model(model)
     cells = with_identity(cells, yaml_paths)
+    check_data([t for t, path in yaml_paths.items() if path is not None], include_path)
     out = Path(out or Path("results") / time.strftime("sweep-%Y%m%d-%H%M%S"))
     store = ResultsStore(out)
     store.check_writable()
@@ -500,13 +523,17 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
                   file=sys.stderr)
     reused = state.done | {state.stale[h].config_hash for h in kept_stale}
     todo = [c for c in cells if c.config_hash not in reused]
-    runner = Runner(model, batch_size, verbose, sorted({c.task for c in todo})) if todo and executor == "local" else None
+    for task in sorted({c.task for c in cells if c.limit != limit}):
+        print(f"{task}: --limit {limit} rounded up to {limit + 1} so its question pairs stay whole", file=sys.stderr)
+    runner = (Runner(model, batch_size, verbose, sorted({c.task for c in todo}), include_path)
+              if todo and executor == "local" else None)
     store.create()
     for old in state.replaced:  # replaced by an earlier run that stopped before retiring them
         store.retire(old)
     replaces = {c.config_hash: old for old, c in state.stale.items() if old not in kept_stale}
     run = {"run_id": uuid.uuid4().hex[:12], "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": model,
-           "methods": methods, "method_args": method_args, "tasks": tasks, "budgets": parse_budgets(budgets), "limit": limit, "seed": seed,
+           "methods": methods, "method_args": method_args, "tasks": tasks, "include_path": include_path,
+           "budgets": parse_budgets(budgets), "limit": limit, "seed": seed,
            "executor": executor, "batch_size": batch_size, "cells": len(cells), "cells_to_run": len(todo),
            "stale": state.reasons, "kept_stale": kept_stale, "schema_version": schema.SCHEMA_VERSION,
            "gripbench_version": gripbench.__version__, "git_commit": git_commit(), **environment_versions(),
@@ -519,7 +546,7 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
             _record_run(store, run)
         if todo:
             if executor == "ray":
-                run_on_ray(model, todo, out, batch_size, progress)
+                run_on_ray(model, todo, out, batch_size, progress, include_path)
                 ran = len(todo)
                 for h in replaces.values():
                     store.retire(h)
@@ -572,20 +599,21 @@ def _progress(total: int, enabled: bool):
 _RUNNERS: dict[tuple[str, int], Runner] = {}
 
 
-def _ray_cell(model: str, cell: Cell, out: str, batch_size: int) -> str:
+def _ray_cell(model: str, cell: Cell, out: str, batch_size: int, include_path=None) -> str:
     """Body of one Ray task: run one cell and write it into the shared store. The Runner
     (model, lmms-eval plugin, vision cache) is kept per worker process and reused."""
     from gripbench.store import ResultsStore
 
     key = (model, batch_size)
     if key not in _RUNNERS:
-        _RUNNERS[key] = Runner(model, batch_size, tasks=[cell.task])
+        _RUNNERS[key] = Runner(model, batch_size, tasks=[cell.task], include_path=include_path)
     row, samples = _RUNNERS[key].run(cell)
     ResultsStore(out).add(row, samples)
     return cell.config_hash
 
 
-def run_on_ray(model: str, cells: list[Cell], out: Path, batch_size: int, progress: bool = True) -> None:
+def run_on_ray(model: str, cells: list[Cell], out: Path, batch_size: int, progress: bool = True,
+               include_path=None) -> None:
     """One Ray task per cell (one GPU each where the cluster has GPUs), all writing into the
     same store, which is safe for concurrent writers. Connects to a running cluster
     (`RAY_ADDRESS` or `ray start`) or starts a local one."""
@@ -603,7 +631,7 @@ def run_on_ray(model: str, cells: list[Cell], out: Path, batch_size: int, progre
                                               if "GRIPBENCH_CACHE" in os.environ else {})}})
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=1)(_ray_cell)
-    pending = [task.remote(model, c, str(out), batch_size) for c in cells]
+    pending = [task.remote(model, c, str(out), batch_size, include_path) for c in cells]
     with tqdm(total=len(pending), desc="cells (ray)", unit="cell", disable=not progress) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)

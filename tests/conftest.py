@@ -91,7 +91,7 @@ SYNTHETIC_IDENTITY = {"method_distribution": "synthetic", "method_version": "0",
 
 def synthetic_results(folder, methods=("none", "good", "weak"), tasks=("gripbench_text", "gripbench_counting"),
                       budgets=(1.0, 0.5, 0.25), n=120, seed=0, edit=None):
-    """A results folder with known numbers and no model: per-sample correctness drawn with
+    """A results folder with known numbers and no model: per-sample scores (0/1) drawn with
     accuracy falling as the budget shrinks (faster for `weak`), FLOPs and latency linear in
     the kept tokens. `edit(cell_row, samples_frame)` may alter a cell before it is written."""
     import numpy as np
@@ -106,12 +106,14 @@ def synthetic_results(folder, methods=("none", "good", "weak"), tasks=("gripbenc
         for method in methods:
             for budget in ([1.0] if method == "none" else budgets):
                 drop = {"none": 0.0, "good": 0.3, "weak": 0.9}.get(method, 0.5) * (1 - budget) * 0.5
-                correct = base < 0.85 - drop
+                score = (base < 0.85 - drop).astype(float)
                 tokens = 144 * budget
                 row = {"model": "embedded", "task": task, "method": method, "method_params": "{}", "budget": budget,
                        "limit": n, "seed": 0, "config_hash": f"{task}-{method}-{budget}", "n_samples": n,
-                       "accuracy": float(correct.mean()), "accuracy_ci_low": float(correct.mean()) - 0.05,
-                       "accuracy_ci_high": float(correct.mean()) + 0.05, "tokens_llm_input": tokens,
+                       "metric": "exact_match,none", "metric_value": float(score.mean()), "accuracy": float(score.mean()),
+                       "score_mean": float(score.mean()), "accuracy_unit": "sample",
+                       "accuracy_ci_low": float(score.mean()) - 0.05,
+                       "accuracy_ci_high": float(score.mean()) + 0.05, "tokens_llm_input": tokens,
                        "tokens_layer_avg": tokens, "tokens_kv": tokens, "evidence_recall": budget,
                        "flops_total": 1e8 + 1e6 * tokens, "latency_vision_ms": 10.0, "latency_scorer_ms": 1.0,
                        "latency_prefill_ms": 20 + 0.5 * tokens, "latency_decode_ms_per_token": 2.0,
@@ -119,8 +121,9 @@ def synthetic_results(folder, methods=("none", "good", "weak"), tasks=("gripbenc
                        # five timed repeats, each over its paired none run, spread about the ratio; cores to itself
                        "latency_ratio_runs": [(40 + 0.5 * tokens) / (40 + 0.5 * 144) * s for s in RUN_SPREAD],
                        "latency_cpu_share": 1.0, **SYNTHETIC_IDENTITY}
-                samples = pd.DataFrame({"sample_id": [f"{task.removeprefix('gripbench_')}-test-{i}" for i in range(n)],
-                                        "correct": correct, "prediction": "x", "target": "x",
+                ids = [f"{task.removeprefix('gripbench_')}-test-{i}" for i in range(n)]
+                samples = pd.DataFrame({"sample_id": ids, "score": score, "unit": ids, "stratum": "", "prediction": "x",
+                                        "target": "x",
                                         "kept_indices": [list(range(int(tokens)))] * n})
                 if edit is not None:
                     row, samples = edit(row, samples)

@@ -57,11 +57,43 @@ def test_mcnemar_exact_values():
     assert analysis.mcnemar(c, ~c) == pytest.approx(1.0)  # 10 vs 10 discordant: no evidence
 
 
+def _frame(scores, units=None, strata=None):
+    import pandas as pd
+
+    n = len(scores)
+    return pd.DataFrame({"score": np.asarray(scores, float), "unit": units or [str(i) for i in range(n)],
+                         "stratum": strata or [""] * n})
+
+
 def test_bootstrap_ci_is_deterministic_and_brackets_the_mean():
-    x = np.random.default_rng(0).random(300) < 0.7
-    lo, hi = analysis.bootstrap_ci(x, seed=3)
-    assert (lo, hi) == analysis.bootstrap_ci(x, seed=3)
+    x = (np.random.default_rng(0).random(300) < 0.7).astype(float)
+    lo, hi = analysis.bootstrap_ci(_frame(x), seed=3)
+    assert (lo, hi) == analysis.bootstrap_ci(_frame(x), seed=3)
     assert lo < x.mean() < hi and 0.08 < hi - lo < 0.12  # about 2 x 1.96 x sqrt(.21/300)
+
+
+def test_pair_units_follow_mme_acc_plus():
+    """MME: a category's score is acc + acc+ over its question pairs; the statistic (halved,
+    averaged over categories) and the unit values follow that, by hand."""
+    # category A: pair 1 both right, pair 2 one right; category B: pair 3 none right
+    f = _frame([1, 1, 1, 0, 0, 0], units=["A/1", "A/1", "A/2", "A/2", "B/3", "B/3"], strata=["A"] * 4 + ["B"] * 2)
+    units = analysis.unit_values(f).set_index("unit")["value"]
+    assert units.to_dict() == {"A/1": 1.0, "A/2": 0.25, "B/3": 0.0}
+    # A: acc 75 + acc+ 50 = 125; B: 0; MME total 125 over 2 categories x 200 = 0.3125
+    assert analysis.statistic(f) == pytest.approx(125 / 400)
+    lo, hi = analysis.bootstrap_ci(f, seed=0)
+    assert lo <= analysis.statistic(f) <= hi
+
+
+def test_paired_p_uses_mcnemar_on_binary_and_wilcoxon_on_soft_scores():
+    from scipy.stats import wilcoxon
+
+    a = np.array([1] * 10 + [0] * 5, float)
+    b = np.zeros(15)
+    assert analysis.paired_p(a, b) == pytest.approx(analysis.mcnemar(a, b))
+    soft_a, soft_b = np.linspace(0.3, 1.0, 12), np.linspace(0.3, 1.0, 12) - 0.2
+    assert analysis.paired_p(soft_a, soft_b) == pytest.approx(wilcoxon(soft_a, soft_b).pvalue)
+    assert analysis.paired_p(soft_a, soft_a) == 1.0
 
 
 def test_significance_against_the_best_other_method(tmp_path):

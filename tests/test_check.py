@@ -30,8 +30,8 @@ def test_degraded_method_fails_and_names_its_cells(reference, tmp_path, capsys):
     def degrade(row, samples):
         if row["method"] == "good" and row["budget"] == 0.25:
             flip = np.arange(len(samples)) % 3 == 0  # a third of the samples turn wrong
-            samples = samples.assign(correct=samples["correct"] & ~flip)
-            row = {**row, "accuracy": float(samples["correct"].mean())}
+            samples = samples.assign(score=samples["score"] * ~flip)
+            row = {**row, "accuracy": float(samples["score"].mean())}
         return row, samples
 
     bad = synthetic_results(tmp_path / "bad", edit=degrade)
@@ -47,11 +47,11 @@ def test_degraded_method_fails_and_names_its_cells(reference, tmp_path, capsys):
 def test_small_insignificant_drop_is_not_a_regression(reference, tmp_path):
     def wobble(row, samples):
         if row["method"] == "weak" and row["budget"] == 0.5:
-            idx = np.flatnonzero(samples["correct"].to_numpy())[:4]  # 4 of 120 samples: 3.3 points, p = 0.125
-            correct = samples["correct"].to_numpy().copy()
-            correct[idx] = False
-            samples = samples.assign(correct=correct)
-            row = {**row, "accuracy": float(correct.mean())}
+            idx = np.flatnonzero(samples["score"].to_numpy())[:4]  # 4 of 120 samples: 3.3 points, p = 0.125
+            score = samples["score"].to_numpy().copy()
+            score[idx] = 0.0
+            samples = samples.assign(score=score)
+            row = {**row, "accuracy": float(score.mean())}
         return row, samples
 
     findings = compare(synthetic_results(tmp_path / "w", edit=wobble), reference)
@@ -133,9 +133,9 @@ def test_latency_gate_warn_reports_slower_and_passes(reference, tmp_path, how, c
 def test_two_seeds_in_one_folder_pass_against_themselves(tmp_path, capsys):
     def seed1(row, samples):  # other per-sample draws, and `weak` (a random method, say) a third worse
         if row["method"] == "weak":
-            samples = samples.assign(correct=samples["correct"] & (np.arange(len(samples)) % 3 != 0))
+            samples = samples.assign(score=samples["score"] * (np.arange(len(samples)) % 3 != 0))
         return {**row, "seed": 1, "config_hash": row["config_hash"] + "-seed1",
-                "accuracy": float(samples["correct"].mean())}, samples
+                "accuracy": float(samples["score"].mean())}, samples
 
     folder = synthetic_results(tmp_path / "seeds", seed=0)
     synthetic_results(folder, seed=1, edit=seed1)

@@ -16,7 +16,7 @@ def _cell(h: str, method: str = "none") -> dict:
 
 
 def _samples() -> pd.DataFrame:
-    return pd.DataFrame({"sample_id": ["a", "b"], "correct": [True, False], "prediction": ["x", "y"],
+    return pd.DataFrame({"sample_id": ["a", "b"], "score": [1.0, 0.0], "unit": ["a", "b"], "stratum": "", "prediction": ["x", "y"],
                          "target": ["x", "x"], "kept_indices": [[0, 1], [2]]})
 
 

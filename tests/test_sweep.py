@@ -30,6 +30,7 @@ def started_with_one_cell(out):
     proc = sweep(out, wait=False)
     deadline = time.time() + 600
     while time.time() < deadline and len(list((out / "cells.d").glob("*.parquet"))) < 1:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]  # it died before its first cell: say why, now
         time.sleep(0.2)
     return proc
 

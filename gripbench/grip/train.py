@@ -16,7 +16,15 @@ the ranking, which is all top-k deployment uses.
 GRPO reward (why this one): r = 1[greedy answer correct] + 0.5 * clip((log p(answer) + 5) / 5, 0, 1),
 from the frozen VLM run on the kept tokens (pruned before the LLM, original positions).
 Correctness is the objective; the log-likelihood term is dense, so groups in which every
-episode is right (or wrong) still rank their episodes.
+episode is right (or wrong) still rank their episodes. On the embedded suite correctness is
+teacher-forced (greedy decoding would emit exactly the answer); on other data
+(gripbench/grip/data.py) it is the data's own score of the episode's greedy *generated*
+answer: an lmms-eval task's headline per-sample metric after its filters (soft scores such
+as TextVQA's are kept as they are), else normalised exact match. The dense term is the same
+everywhere, with the reference answer (the most common one when a task lists several).
+
+Each saved scorer records its provenance (model, data, config, steps, seed, validation
+figures, gripbench version) in the file's metadata; see gripbench/grip/method.py.
 """
 
 from __future__ import annotations
@@ -29,12 +37,13 @@ from pathlib import Path
 
 import torch
 
+import gripbench
 from gripbench.engine import Engine
-from gripbench.grip.method import save_scorer
+from gripbench.grip.data import EmbeddedData, TrainingData
+from gripbench.grip.method import model_record, save_scorer
 from gripbench.grip.policy import group_advantages, grpo_loss, gumbel_top_k, plackett_luce_log_prob
 from gripbench.grip.scorer import BudgetAwareScorer
 from gripbench.methods import PrunePoint, PruningMethod, Selection, keep_count
-from gripbench.tasks.suite import TASKS, load_split, make_sample
 
 
 @dataclass
@@ -56,7 +65,9 @@ class ScorerTrainConfig:
     ratio_weight: float = 2.0
     distill_weight: float = 0.5
     val_every: int = 100
-    val_per_task: int = 60
+    val_per_task: int = 60        # embedded suite: validation questions per task
+    val_samples: int = 300        # other data: at most this many held-out samples ...
+    val_fraction: float = 0.2     # ... and at most this fraction of the data
     val_budgets: tuple[float, ...] = (0.25, 0.0625)
 
 
@@ -115,19 +126,24 @@ def answer_targets(engine: Engine, answers: list[str]) -> torch.Tensor:
 
 
 class Trainer:
-    """Shared machinery: data, scorer inputs, validation, logging."""
+    """Shared machinery: data, scorer inputs, validation, logging, provenance."""
 
-    def __init__(self, engine: Engine, cfg: ScorerTrainConfig, out: Path, log=print):
+    def __init__(self, engine: Engine, cfg: ScorerTrainConfig, out: Path, log=print, data: TrainingData | None = None):
         self.engine, self.cfg, self.out, self.log = engine, cfg, Path(out), log
         self.out.mkdir(parents=True, exist_ok=True)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.index = 0
-        self.val = [s for t in TASKS for s in load_split(t, "val", cfg.val_per_task)]
+        self.data = data if data is not None else EmbeddedData(cfg.seed, cfg.val_per_task)
+        self.last_val: dict[str, float] = {}
+        self.start = time.perf_counter()
+        self.log(self.data.summary())
+
+    @property
+    def val(self) -> list:
+        return self.data.validation()
 
     def next_samples(self, n: int):
-        tasks = list(TASKS)
-        out = [make_sample(tasks[(self.index + j) % len(tasks)], "train", self.index + j, base_seed=self.cfg.seed + 101)
-               for j in range(n)]
+        out = self.data.train_batch(self.index, n)
         self.index += n
         return out
 
@@ -146,21 +162,18 @@ class Trainer:
         return torch.exp(lo + (hi - lo) * torch.rand(n, generator=self.gen))
 
     def validate(self, scorer: BudgetAwareScorer) -> dict[str, float]:
-        """Macro accuracy of top-k of the scorer at the validation budgets."""
-        from gripbench.evaluate import accuracy, run_samples
+        """The data's validation score of top-k of the scorer at the validation budgets (the
+        embedded suite: macro accuracy over its five tasks)."""
         from gripbench.grip.method import ScorerMethod
 
         class Current(ScorerMethod):
             def scorer_model(self, dim):
                 return scorer
 
-        out = {}
         scorer.eval()
-        for rho in self.cfg.val_budgets:
-            res = run_samples(self.engine, self.val, Current(budget=rho), batch_size=64)
-            per = {t: accuracy([r for r, s in zip(res, self.val) if s.task == t]) for t in TASKS}
-            out[f"acc@{rho:g}"] = sum(per.values()) / len(per)
+        out = self.data.validate(self.engine, lambda rho: Current(budget=rho), self.cfg.val_budgets)
         scorer.train()
+        self.last_val = {k: round(v, 4) for k, v in out.items()}
         return out
 
     def record(self, f, rec: dict, total: int, scorer: BudgetAwareScorer) -> None:
@@ -171,11 +184,24 @@ class Trainer:
         f.write(json.dumps(rec) + "\n")
         f.flush()
 
+    def save(self, scorer: BudgetAwareScorer, name: str, steps: int, extra: dict | None = None) -> Path:
+        """Write the scorer with its provenance (gripbench/grip/method.py's docstring)."""
+        meta = {"method": name, "format": 2, "config": asdict(self.cfg),
+                "model": model_record(self.engine.model, self.engine.info.hidden_size),
+                "data": self.data.describe(),
+                "training": {"steps": steps, "seed": self.cfg.seed, "elapsed_s": round(time.perf_counter() - self.start, 1),
+                             "device": str(self.engine.device), **(extra or {})},
+                "validation": self.last_val, "gripbench_version": gripbench.__version__}
+        path = self.out / f"{name}.safetensors"
+        save_scorer(scorer, path, meta)
+        return path
 
-def train_warmup(engine: Engine, cfg: ScorerTrainConfig, out: Path, log=print) -> BudgetAwareScorer:
+
+def train_warmup(engine: Engine, cfg: ScorerTrainConfig, out: Path, log=print,
+                 data: TrainingData | None = None) -> BudgetAwareScorer:
     """ListNet fit of the attention-importance target; saves grip-warmup.safetensors."""
     torch.manual_seed(cfg.seed)
-    tr = Trainer(engine, cfg, out, log)
+    tr = Trainer(engine, cfg, out, log, data)
     scorer = BudgetAwareScorer(engine.info.hidden_size, cfg.width)
     opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.lr, weight_decay=0.01)
     start = time.perf_counter()
@@ -192,14 +218,16 @@ def train_warmup(engine: Engine, cfg: ScorerTrainConfig, out: Path, log=print) -
             rec = {"phase": "warmup", "step": step + 1, "loss": round(loss.item(), 4),
                    "elapsed_s": round(time.perf_counter() - start, 1)}
             tr.record(f, rec, cfg.warmup_steps, scorer)
-    save_scorer(scorer, tr.out / "grip-warmup.safetensors", {"method": "grip-warmup", "config": asdict(cfg)})
+    tr.save(scorer, "grip-warmup", cfg.warmup_steps)
     return scorer
 
 
-def train_grpo(engine: Engine, cfg: ScorerTrainConfig, out: Path, reference: BudgetAwareScorer, log=print) -> BudgetAwareScorer:
-    """GRPO from the warm-up policy; saves grip.safetensors."""
+def train_grpo(engine: Engine, cfg: ScorerTrainConfig, out: Path, reference: BudgetAwareScorer, log=print,
+               data: TrainingData | None = None, reference_meta: dict | None = None) -> BudgetAwareScorer:
+    """GRPO from the warm-up policy; saves grip.safetensors. `reference_meta`: the warm-up
+    file's metadata, summarised in the saved scorer's provenance."""
     torch.manual_seed(cfg.seed + 1)
-    tr = Trainer(engine, cfg, out, log)
+    tr = Trainer(engine, cfg, out, log, data)
     scorer = BudgetAwareScorer(reference.dim, reference.width)
     scorer.load_state_dict(reference.state_dict())
     reference.eval()
@@ -217,7 +245,7 @@ def train_grpo(engine: Engine, cfg: ScorerTrainConfig, out: Path, reference: Bud
                 old = scorer(feats, q, qm, rhos, engine.info.grid)
                 ref = reference(feats, q, qm, rhos, engine.info.grid)
                 orders = gumbel_top_k(old[:, None, :].expand(-1, g, -1), k, tr.gen)  # [P, G, k]
-                rewards = episode_rewards(engine, batch, vision, samples, orders)
+                rewards, correct = episode_scores(engine, batch, vision, samples, orders, tr.data)
             adv = group_advantages(rewards)
             logp_old = plackett_luce_log_prob(old[:, None].expand(-1, g, -1), orders)
             logp_ref = plackett_luce_log_prob(ref[:, None].expand(-1, g, -1), orders)
@@ -231,32 +259,70 @@ def train_grpo(engine: Engine, cfg: ScorerTrainConfig, out: Path, reference: Bud
                 opt.step()
             probs = torch.softmax(old, -1)
             rec = {"phase": "grpo", "step": step + 1, "rho": round(rho, 4), "reward": round(rewards.mean().item(), 4),
-                   "accuracy": round((rewards >= 1).float().mean().item(), 4), "kl": round(stats["kl"], 5),
+                   "accuracy": round(correct.mean().item(), 4), "kl": round(stats["kl"], 5),
                    "entropy": round(-(probs * torch.log(probs + 1e-12)).sum(-1).mean().item(), 4),
                    "loss": round(loss.item(), 4), "elapsed_s": round(time.perf_counter() - start, 1)}
             tr.record(f, rec, cfg.grpo_steps, scorer)
-    save_scorer(scorer, tr.out / "grip.safetensors", {"method": "grip", "config": asdict(cfg)})
+    ref = None
+    if reference_meta is not None:
+        ref = {k: reference_meta.get(k) for k in ("method", "data", "training", "validation")}
+    tr.save(scorer, "grip", cfg.grpo_steps, {"reference": ref})
     return scorer
 
 
-def episode_rewards(engine: Engine, batch: dict, vision, samples, orders: torch.Tensor) -> torch.Tensor:
-    """[P, G] rewards of the kept sets `orders` [P, G, k] from the frozen VLM."""
+def episode_scores(engine: Engine, batch: dict, vision, samples, orders: torch.Tensor,
+                   data: TrainingData | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([P, G] rewards, [P, G] correctness in [0, 1]) of the kept sets `orders` [P, G, k] from
+    the frozen VLM: correctness + 0.5 * the dense log-likelihood term of the reference answer.
+    Correctness is teacher-forced exact match when the data has no answer score of its own
+    (the embedded suite), else the data's score of the greedy generated answer."""
     p, g, k = orders.shape
     rows = torch.arange(p).repeat_interleave(g)
     big = {key: val[rows] for key, val in batch.items()}
     keep = orders.reshape(p * g, k).sort(-1).values
+    vis = vision.select_rows(rows)
     targets = answer_targets(engine, [s.answer for s in samples])[rows]
-    logp, correct, _ = engine.score(big, FixedKeep(keep), targets, vision.select_rows(rows))
+    logp, correct, _ = engine.score(big, FixedKeep(keep), targets, vis)
     dense = ((logp + 5) / 5).clamp(0, 1)
-    return (correct.float() + 0.5 * dense).view(p, g)
+    if data is not None and data.generative:
+        texts = greedy_texts(engine, big, keep, vis, targets, correct, data.max_new_tokens)
+        correct = torch.tensor([data.score(samples[r], data.truncate(t)) for r, t in zip(rows.tolist(), texts)],
+                               dtype=torch.float, device=dense.device)
+    return (correct.float() + 0.5 * dense).view(p, g), correct.float().view(p, g)
 
 
-def train_dynamicvit(engine: Engine, cfg: ScorerTrainConfig, out: Path, log=print) -> BudgetAwareScorer:
+def greedy_texts(engine: Engine, batch: dict, keep: torch.Tensor, vision, targets: torch.Tensor,
+                 forced_correct: torch.Tensor, max_new_tokens: int) -> list[str]:
+    """What greedy decoding of each row generates, at most `max_new_tokens` tokens. A row whose
+    teacher-forced pass already showed that greedy decoding emits exactly its target (+ EOS)
+    generates that target, so only the other rows are decoded (most rows, once the scorer is
+    good: this halves the cost of a GRPO step)."""
+    texts: list[str | None] = [None] * keep.shape[0]
+    for i in forced_correct.nonzero()[:, 0].tolist():
+        seq = [t for t in targets[i].tolist() if t >= 0][:max_new_tokens]
+        texts[i] = engine.processor.batch_decode([seq], skip_special_tokens=True)[0]
+    todo = [i for i, t in enumerate(texts) if t is None]
+    if todo:
+        sub = {key: val[todo] for key, val in batch.items()}
+        gen = engine.generate(sub, FixedKeep(keep[todo]), max_new_tokens=max_new_tokens, vision=vision.select_rows(todo))
+        for i, text in zip(todo, gen.texts):
+            texts[i] = text
+    return texts
+
+
+def episode_rewards(engine: Engine, batch: dict, vision, samples, orders: torch.Tensor,
+                    data: TrainingData | None = None) -> torch.Tensor:
+    """[P, G] rewards of the kept sets `orders` [P, G, k] (see `episode_scores`)."""
+    return episode_scores(engine, batch, vision, samples, orders, data)[0]
+
+
+def train_dynamicvit(engine: Engine, cfg: ScorerTrainConfig, out: Path, log=print,
+                     data: TrainingData | None = None) -> BudgetAwareScorer:
     """DynamicViT-style relaxation: Gumbel-sigmoid keep decisions, straight-through, applied
     as log-masks on the visual keys of every layer (attention re-normalised over kept keys),
     task loss + distillation to the unpruned answer distribution + ratio loss to rho."""
     torch.manual_seed(cfg.seed + 2)
-    tr = Trainer(engine, cfg, out, log)
+    tr = Trainer(engine, cfg, out, log, data)
     scorer = BudgetAwareScorer(engine.info.hidden_size, cfg.width)
     opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.lr, weight_decay=0.01)
     for p in engine.model.parameters():
@@ -290,5 +356,5 @@ def train_dynamicvit(engine: Engine, cfg: ScorerTrainConfig, out: Path, log=prin
                    "distill": round(distill.item(), 4), "ratio": round(ratio.item(), 5),
                    "keep_rate": round(hard.mean().item(), 4), "elapsed_s": round(time.perf_counter() - start, 1)}
             tr.record(f, rec, cfg.dynamicvit_steps, scorer)
-    save_scorer(scorer, tr.out / "dynamicvit.safetensors", {"method": "dynamicvit", "config": asdict(cfg)})
+    tr.save(scorer, "dynamicvit", cfg.dynamicvit_steps)
     return scorer
