@@ -373,7 +373,7 @@ class Runner:
                 devnull = quiet.enter_context(open(os.devnull, "w"))
                 quiet.enter_context(contextlib.redirect_stderr(devnull))
                 quiet.enter_context(contextlib.redirect_stdout(devnull))
-            with catalog.missing_data(task):
+            with catalog.missing_data(task, self.user_paths):
                 out = simple_evaluate(model=self.lm, tasks=[task], limit=limit,
                                       task_manager=self.task_manager(task), log_samples=True, batch_size=self.batch_size,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,

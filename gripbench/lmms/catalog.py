@@ -130,9 +130,8 @@ def _expand(tm, name: str) -> list[str]:
 def load_task(name: str, include_path=None):
     """The lmms-eval Task object of one task (its dataset loaded): what training reads docs,
     prompts and the per-sample metric from. Offline, missing data is one line naming the dataset."""
-    from lmms_eval.tasks import get_task_dict
-
     import datasets
+    from lmms_eval.tasks import get_task_dict
 
     datasets.disable_progress_bars()  # one line per split otherwise, on every load
     paths = _paths(include_path)
@@ -140,7 +139,7 @@ def load_task(name: str, include_path=None):
         from gripbench.errors import unknown
 
         raise unknown("task", name, sorted(task_manager(paths).task_index))
-    with missing_data(name):
+    with missing_data(name, paths):
         tasks = get_task_dict([name], task_manager(paths))
     task = tasks[name]
     return task
@@ -150,8 +149,8 @@ class missing_data:
     """Turns `datasets`' offline failures (a hub dataset not in the local cache; today a
     retry traceback) into one line naming the task and its dataset."""
 
-    def __init__(self, task: str, dataset: str | None = None):
-        self.task, self.dataset = task, dataset
+    def __init__(self, task: str, include_path=None):
+        self.task, self.paths = task, _paths(include_path)
 
     def __enter__(self):
         return self
@@ -169,7 +168,7 @@ class missing_data:
             e = e.__cause__ or e.__context__
         if not any(m in c for c in chain for m in markers):
             return False
-        dataset = self.dataset or _dataset_of(self.task)
+        dataset = _dataset_of(self.task, self.paths)
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         raise GripbenchError(f"task {self.task!r}: its data ({dataset}) is not available"
                              + (" offline (not in the Hugging Face cache)" if offline else "")
@@ -177,15 +176,14 @@ class missing_data:
                                "and pass its folder with --include-path") from None
 
 
-def _dataset_of(task: str) -> str:
+def _dataset_of(task: str, paths: tuple[str, ...]) -> str:
+    """The task's `dataset_path` (best effort: the line is shown either way)."""
     try:
         from lmms_eval.utils import load_yaml_config
 
-        for paths in ((),):
-            entry = task_manager(paths).task_index.get(task)
-            if entry and isinstance(entry.get("yaml_path"), str):
-                cfg = load_yaml_config(entry["yaml_path"], mode="simple")
-                return str(cfg.get("dataset_path", "unknown dataset"))
-    except Exception:  # noqa: BLE001 - naming the dataset is best effort; the line is still shown
+        entry = task_manager(paths).task_index.get(task) or {}
+        if isinstance(entry.get("yaml_path"), str):
+            return str(load_yaml_config(entry["yaml_path"], mode="simple").get("dataset_path", "its dataset"))
+    except Exception:  # noqa: BLE001
         pass
     return "its dataset"
