@@ -95,7 +95,7 @@ def evaluate_tasks(model: str = "embedded", method: str = "none", budget: float 
 
 
 def _evaluate_lmms(model, method, paths, limit, batch_size, seed, out, include_path) -> dict[str, float]:
-    from gripbench.lmms.metrics import pair_limit
+    from gripbench.lmms.metrics import pair_limit, rounded_limit_note
     from gripbench.sweep import Runner
 
     runner = Runner(model, batch_size, tasks=list(paths), include_path=include_path)
@@ -104,7 +104,7 @@ def _evaluate_lmms(model, method, paths, limit, batch_size, seed, out, include_p
     for task, path in paths.items():
         task_limit = pair_limit(limit, path)
         if task_limit != limit:
-            print(f"{task}: --limit {limit} rounded up to {task_limit} so its question pairs stay whole", file=sys.stderr)
+            print(rounded_limit_note(task, limit, task_limit), file=sys.stderr)
         logged, scored = runner.evaluate(task, method, task_limit, seed)
         accs[task] = scored.accuracy
         name, filt = (scored.metric.split(",") + ["none"])[:2]

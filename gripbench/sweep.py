@@ -268,16 +268,6 @@ def environment(engine) -> dict:
             "gripbench_version": gripbench.__version__, "git_commit": git_commit(), "lock_match": env["lock_match"]}
 
 
-def quiet_lmms_eval(verbose: bool) -> None:
-    """lmms-eval logs every task's set-up at INFO to stdout (its import installs that sink);
-    a sweep shows one progress bar instead, and lmms-eval's errors."""
-    import lmms_eval.models  # noqa: F401  (installs lmms-eval's sink, which this replaces)
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="INFO" if verbose else "ERROR", format="{time:HH:mm:ss} {level} {name}: {message}")
-
-
 def cpu_share_since(cpu0: float, wall0: float) -> float:
     """This process's CPU time over (wall time x torch threads) since (cpu0, wall0): about 1
     when the timed runs had their cores to themselves, lower when other processes took
@@ -320,21 +310,23 @@ class Runner:
         from lmms_eval.tasks import TaskManager
 
         from gripbench.engine import Engine
+        from gripbench.lmms import catalog
         from gripbench.lmms.model import GripbenchLMM
         from gripbench.lmms.tasks import PREFIX, materialize
         from gripbench.zoo import load
 
         self.model_name = model
         self.verbose = verbose
-        quiet_lmms_eval(verbose)
+        catalog.quiet_lmms_eval(verbose)  # a sweep shows one progress bar, and lmms-eval's errors
         self.engine = Engine(*load(model))
         self.lm = GripbenchLMM(engine=self.engine, batch_size=batch_size)
+        self.lm.capture = LATENCY_BATCH  # the first requests of each task, kept for its latency batch
         self.batch_size = batch_size
         # only the embedded tasks this runner will evaluate are generated (each takes seconds the first time)
         embedded = None if tasks is None else [t.removeprefix(PREFIX) for t in tasks if t.startswith(PREFIX)]
         self.include_path = str(materialize(embedded))
         self.tm = TaskManager(include_path=self.include_path, include_defaults=False)
-        self.user_paths = [] if not include_path else [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+        self.user_paths = list(catalog.include_paths(include_path))
         # Some stock tasks write side files where lmms-eval's output path points, or into the
         # working directory without one (textvqa: submissions/, ocrbench: results/ocrbench_results.txt,
         # inside the user's results folder): give them a scratch folder of their own.
@@ -367,7 +359,6 @@ class Runner:
         from gripbench.lmms import catalog
 
         self.lm.set_method(method)
-        metrics.reset_accumulators()
         with contextlib.ExitStack() as quiet:
             if not self.verbose:  # lmms-eval's per-task progress bars write to stderr, some task code prints
                 devnull = quiet.enter_context(open(os.devnull, "w"))
@@ -523,8 +514,8 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
                   file=sys.stderr)
     reused = state.done | {state.stale[h].config_hash for h in kept_stale}
     todo = [c for c in cells if c.config_hash not in reused]
-    for task in sorted({c.task for c in cells if c.limit != limit}):
-        print(f"{task}: --limit {limit} rounded up to {limit + 1} so its question pairs stay whole", file=sys.stderr)
+    for task, rounded in sorted({(c.task, c.limit) for c in cells if c.limit != limit}):
+        print(metrics.rounded_limit_note(task, limit, rounded), file=sys.stderr)
     runner = (Runner(model, batch_size, verbose, sorted({c.task for c in todo}), include_path)
               if todo and executor == "local" else None)
     store.create()

@@ -331,14 +331,9 @@ class LmmsData(TrainingData):
 
     def __init__(self, spec: str, name: str, split: str | None, include_path, seed: int, val_samples: int,
                  val_fraction: float):
-        import datasets
-
         from gripbench.lmms.catalog import load_task, task_manager
-        from gripbench.sweep import quiet_lmms_eval
 
-        quiet_lmms_eval(False)  # lmms-eval logs every stock YAML it indexes at DEBUG
-        datasets.disable_progress_bars()
-        task = load_task(name, include_path)
+        task = load_task(name, include_path)  # quiets lmms-eval's logs and the datasets progress bars
         if isinstance(task, dict):  # a group: get_task_dict nests its members
             raise GripbenchError(f"--data lmms:{name} is a group of tasks; train on one task at a time")
         cfg = task.config
@@ -503,7 +498,5 @@ def _task_names(name: str, include_path) -> list[str]:
     if not name or any(c in name for c in "/\\ ."):
         return []
     from gripbench.lmms.catalog import task_manager
-    from gripbench.sweep import quiet_lmms_eval
 
-    quiet_lmms_eval(False)
-    return list(task_manager(include_path).task_index)
+    return list(task_manager(include_path).task_index)  # quiets lmms-eval's index logs

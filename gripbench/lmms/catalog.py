@@ -18,7 +18,8 @@ from pathlib import Path
 from gripbench.errors import GripbenchError
 
 
-def _paths(include_path) -> tuple[str, ...]:
+def include_paths(include_path) -> tuple[str, ...]:
+    """`--include-path` (one folder or several) as absolute folder paths; a missing one is one line."""
     if not include_path:
         return ()
     items = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
@@ -49,19 +50,32 @@ def _indexer():
     return CachedIndex
 
 
-@lru_cache(maxsize=8)
-def _manager(paths: tuple[str, ...], defaults: bool):
-    import lmms_eval.models  # noqa: F401  (installs lmms-eval's DEBUG sink, replaced below)
+def quiet_lmms_eval(verbose: bool = False) -> None:
+    """lmms-eval logs every task's set-up at INFO, and every YAML its index cannot load at
+    DEBUG, to stdout (its import installs that sink); gripbench shows lmms-eval's errors
+    only (`verbose`: its INFO lines too)."""
+    global _QUIET
+    import lmms_eval.models  # noqa: F401  (installs lmms-eval's sink, which this replaces)
     from loguru import logger
 
-    logger.remove()  # indexing logs a DEBUG line per YAML it cannot load; errors only
-    logger.add(sys.stderr, level="ERROR", format="{time:HH:mm:ss} {level} {name}: {message}")
+    logger.remove()
+    logger.add(sys.stderr, level="INFO" if verbose else "ERROR", format="{time:HH:mm:ss} {level} {name}: {message}")
+    _QUIET = True
+
+
+_QUIET = False  # lmms-eval's own sink was replaced (a --verbose sweep's INFO sink is kept)
+
+
+@lru_cache(maxsize=8)
+def _manager(paths: tuple[str, ...], defaults: bool):
+    if not _QUIET:
+        quiet_lmms_eval()
     return _indexer()(verbosity="ERROR", include_path=list(paths) or None, include_defaults=defaults)
 
 
 def task_manager(include_path=None, defaults: bool = True):
     """lmms-eval's TaskManager over the stock tasks (unless `defaults=False`) and the include paths."""
-    return _manager(_paths(include_path), defaults)
+    return _manager(include_paths(include_path), defaults)
 
 
 def _clashes(paths: tuple[str, ...]) -> None:
@@ -82,7 +96,7 @@ def resolve(names: list[str], include_path=None, embedded: tuple[str, ...] = (),
     An unknown name gets one line with the closest known names (`aliases` among them: the
     embedded tasks' short names)."""
     out: dict[str, str | None] = {}
-    paths = _paths(include_path)
+    paths = include_paths(include_path)
     others = [n for n in names if n not in embedded]
     tm = task_manager(paths) if others else None
     if tm is not None:
@@ -134,15 +148,14 @@ def load_task(name: str, include_path=None):
     from lmms_eval.tasks import get_task_dict
 
     datasets.disable_progress_bars()  # one line per split otherwise, on every load
-    paths = _paths(include_path)
-    if name not in task_manager(paths).task_index:
+    paths = include_paths(include_path)
+    tm = task_manager(paths)
+    if name not in tm.task_index:
         from gripbench.errors import unknown
 
-        raise unknown("task", name, sorted(task_manager(paths).task_index))
+        raise unknown("task", name, sorted(tm.task_index))
     with missing_data(name, paths):
-        tasks = get_task_dict([name], task_manager(paths))
-    task = tasks[name]
-    return task
+        return get_task_dict([name], tm)[name]
 
 
 class missing_data:
@@ -150,7 +163,7 @@ class missing_data:
     retry traceback) into one line naming the task and its dataset."""
 
     def __init__(self, task: str, include_path=None):
-        self.task, self.paths = task, _paths(include_path)
+        self.task, self.paths = task, include_paths(include_path)
 
     def __enter__(self):
         return self

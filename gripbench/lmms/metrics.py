@@ -24,16 +24,17 @@ categories; one stratum elsewhere) of the mean unit value: with that, `accuracy`
 `statistic(samples)` for every supported task, and CIs come from a stratified bootstrap
 over units.
 
-Traps of lmms-eval 0.7.3 handled here: OCRBench's aggregation adds into a module-level dict
-(`OCRBench_score`) that is never reset, so a second evaluation in one process reported the
-sum of both (`reset_accumulators` zeroes it before each evaluation); MME asserts that every
-question pair is whole (`pair_limit` rounds `--limit` up to an even number).
+Traps of lmms-eval 0.7.3: OCRBench's aggregation adds into a module-level dict
+(`OCRBench_score`) that is never reset, so evaluating the same loaded Task object twice
+reports the sum of both. gripbench evaluates every cell by task name, and lmms-eval then
+re-executes the task's utils.py, so each evaluation starts from zero (tests/test_stock_tasks.py
+shows both). MME asserts that every question pair is whole (`pair_limit` rounds `--limit` up
+to an even number).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,6 @@ from gripbench.errors import GripbenchError
 # retries for minutes per answer, and online it costs money and moves with the judge's version.
 JUDGE_MARKERS = ("openai", "OPENAI_API_KEY", "gpt_eval", "llm_judge", "get_chat_response", "API_TYPE")
 PAIRED_METRICS = ("mme_perception_score", "mme_cognition_score")  # lmms-eval asserts whole question pairs
-ACCUMULATORS = ("OCRBench_score",)  # module-level dicts lmms-eval task code adds into and never resets
 
 
 def judge_marker(yaml_path: str | None) -> str | None:
@@ -91,18 +91,9 @@ def pair_limit(limit: int | None, yaml_path: str | None) -> int | None:
     return limit + 1
 
 
-def reset_accumulators() -> None:
-    """Zero the module-level score dicts of task code loaded so far (OCRBench's), so each
-    evaluation aggregates only its own samples."""
-    for mod in list(sys.modules.values()):
-        table = getattr(mod, "__dict__", {}).get if mod is not None else None
-        if table is None:
-            continue
-        for name in ACCUMULATORS:
-            acc = table(name)
-            if isinstance(acc, dict):
-                for k in acc:
-                    acc[k] = 0
+def rounded_limit_note(task: str, limit: int | None, rounded: int | None) -> str:
+    """The line a sweep or eval prints when `pair_limit` rounded a task's --limit."""
+    return f"{task}: --limit {limit} rounded up to {rounded} so its question pairs stay whole"
 
 
 def sample_score(value, task: str, metric: str) -> float:
