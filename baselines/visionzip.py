@@ -15,6 +15,9 @@ The budget is split as the official 64 = 54 dominant + 10 contextual (rounded ha
 Deviation: the official LLaVA integration also keeps the CLS token as a dominant token;
 LLaVA-1.5's default feature selection has no slot for CLS, so here all k tokens are
 patches. Each contextual token sits in its target's slot (original position id).
+Towers without [CLS] (SigLIP, Qwen-VL, Pixtral) give the mean attention each token
+receives instead (the adapter's `vision_attention`). Families whose adapter exposes no
+per-token projector input (`pre_projector` None) merge the projector outputs instead.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ class VisionZip(PruningMethod):
         t_pos = torch.arange(0, n_rest, step, device=attn.device)[:n_ctx]
         targets = rest[:, t_pos]  # [B, n_ctx]
         keys = F.normalize(ctx.vision_keys().float(), dim=-1)
-        feats = ctx.vision_features()
+        before_projector = ctx.vision.pre_projector is not None
+        feats = ctx.vision_features() if before_projector else ctx.projector_features()
         rest_keys = keys.gather(1, rest[..., None].expand(-1, -1, keys.shape[-1]))
         sim = rest_keys @ keys.gather(1, targets[..., None].expand(-1, -1, keys.shape[-1])).transpose(1, 2)
         assign = sim.argmax(-1)  # [B, n_rest] target index per remaining token
@@ -81,5 +85,7 @@ class VisionZip(PruningMethod):
         keep_local = keep_local.gather(1, order)
         merged_vision = torch.cat([feats.gather(1, dominant[..., None].expand(-1, -1, feats.shape[-1])).float(),
                                    contextual], dim=1).gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))
-        replace = ctx.adapter.project(merged_vision.to(feats.dtype))
+        replace = merged_vision.to(feats.dtype)
+        if before_projector:
+            replace = ctx.adapter.project(replace)
         return Selection(ctx.visual_ids.gather(1, keep_local), replace=replace, scores=attn)

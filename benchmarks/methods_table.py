@@ -43,7 +43,7 @@ def main() -> None:
     splits = {t: load_split(t, "test", args.limit) for t in TASKS}
     lat_samples = [s for t in TASKS for s in splits[t][:7]][:32]
     lat_batch = engine.prepare([s.image for s in lat_samples], [s.question for s in lat_samples])
-    vision = engine.vision(lat_batch["pixel_values"])
+    vision = engine.vision(lat_batch)
     none_ms = prefill_ms(engine, lat_batch, create_method("none"), vision)
     print(f"{'method':<16}{'budget':>7}  " + "  ".join(f"{t[:6]:>6}" for t in TASKS) + "   macro  prefill/none  tok_in  tok_avg")
     for budget in [float(b) for b in args.budgets.split(",")]:

@@ -33,7 +33,7 @@ def setup():
     samples = [make_sample(t, "val", i) for i in range(2) for t in TASKS][:BATCH]
     batch = engine.prepare([s.image for s in samples], [s.question for s in samples])
     with torch.no_grad():
-        vision = engine.vision(batch["pixel_values"])
+        vision = engine.vision(batch)
     return engine, batch, vision
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gripbench.adapters import VisionOutput
+from gripbench.adapters import VisionView
 from gripbench.methods import ModelInfo
 
 
@@ -25,7 +25,7 @@ class PruneContext:
     visual_slots: torch.Tensor      # [B, n] where the present visual tokens sit in the sequence
     visual_ids: torch.Tensor        # [B, n] their original visual indices (0..N-1), ascending
     input_ids: torch.Tensor         # [B, T] token ids (image placeholders at the visual slots)
-    vision: VisionOutput
+    vision: VisionView              # the group's vision results, prunable tokens only
     prev_hidden: torch.Tensor | None = None  # input of layer - 1, for methods that score there
     row_seeds: list[int] = field(default_factory=list)
     _cache: dict = field(default_factory=dict, repr=False)
@@ -50,24 +50,25 @@ class PruneContext:
 
     def vision_attention(self) -> torch.Tensor:
         """[B, H, n] vision-tower attention ([CLS] row, or mean received) at the feature layer."""
-        row, _ = self.adapter.vision_attention(self.vision)
+        row, _ = self.vision.attention()
         return torch.gather(row, 2, self.visual_ids[:, None, :].expand(-1, row.shape[1], -1))
 
     def vision_keys(self) -> torch.Tensor:
         """[B, n, Dk] the feature layer's attention keys, averaged over heads."""
-        _, keys = self.adapter.vision_attention(self.vision)
+        _, keys = self.vision.attention()
         return torch.gather(keys, 1, self.visual_ids[..., None].expand(-1, -1, keys.shape[-1]))
 
     def text_mask(self) -> torch.Tensor:
-        """[B, T] bool: real tokens that are not visual."""
-        m = self.key_mask.clone()
-        m.scatter_(1, self.visual_slots, False)
-        return m
+        """[B, T] bool: real tokens that are not visual (image placeholders of any kind, the
+        unprunable image-newline tokens included, are not text)."""
+        return self.key_mask & (self.input_ids != self.adapter.image_token_id)
 
     def question_mask(self) -> torch.Tensor:
         """[B, T] bool: text tokens after the image (the question and the answer prompt)."""
-        after = torch.arange(self.hidden.shape[1], device=self.hidden.device)[None] > self.visual_slots[:, -1:]
-        return self.text_mask() & after
+        text = self.text_mask()
+        image = self.key_mask & ~text
+        last = torch.where(image, torch.arange(image.shape[1], device=image.device), -1).max(dim=1, keepdim=True).values
+        return text & (torch.arange(image.shape[1], device=image.device)[None] > last)
 
     def question_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, Tq, D] input embeddings of the question tokens, [B, Tq] bool mask), left-aligned."""

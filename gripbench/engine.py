@@ -13,7 +13,15 @@ the model's own modules (embeddings, rotary embedding, decoder layers, norm, hea
 - greedy decoding with left padding, with position ids and masks as `generate` makes
   them, so `none` reproduces `model.generate` token for token.
 
-Every generation reports the three token counts (visual tokens into the LLM, layer average, KV cache) and the kept indices.
+- ragged batches: rows may carry different numbers of visual tokens (dynamic resolution,
+  anyres tiles). A budget applies per row; the method is called once per group of rows
+  that share a layout (same prunable-token count and grids), so it always sees a dense
+  batch; after a drop, a row left shorter than the longest keeps some of its dropped slots
+  as masked padding. Tokens a family marks unprunable (image-newline tokens) are never
+  shown to methods, always kept and always counted.
+
+Every generation reports, per row, the three token counts (visual tokens into the LLM,
+layer average, KV cache) and the kept indices.
 """
 
 from __future__ import annotations
@@ -25,35 +33,50 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from gripbench.adapters import VisionOutput, adapter_for
+from gripbench.adapters import VisionOutput, VisionView, adapter_for
 from gripbench.context import PruneContext
 from gripbench.methods import PrunePoint, PruningMethod, Selection, method_label
 
 
 @dataclass
 class Generation:
-    """One batch's outputs. Per-row lists are aligned with the batch rows."""
+    """One batch's outputs. Per-row lists are aligned with the batch rows; rows may differ in
+    their visual-token counts (dynamic resolution, anyres tiles)."""
 
     tokens: torch.Tensor                 # [B, new] generated ids (pad after EOS)
     texts: list[str]
-    kept_indices: list[list[int]]        # original visual indices surviving the last pruning step
-    tokens_llm_input: list[int]          # visual tokens entering LLM layer 0
+    kept_indices: list[list[int]]        # prunable visual indices surviving the last pruning step
+    tokens_llm_input: list[int]          # visual tokens entering LLM layer 0 (fixed tokens included)
     tokens_layer_avg: list[float]        # visual tokens averaged over LLM layers
     tokens_kv: list[float]               # visual tokens in the KV cache, averaged over layers
-    visual_per_layer: list[int]          # visual tokens per row at each LLM layer
+    visual_per_layer: list[list[int]]    # per row: visual tokens at each LLM layer
     timings: dict[str, float] = field(default_factory=dict)  # seconds: scorer, prefill, decode
 
 
 @dataclass
 class _State:
-    """The sequence as the current layer sees it."""
+    """The sequence as the current layer sees it. Visual tokens are tracked per row, because
+    rows may carry different numbers of them: `slots[r]` is where row r's present prunable
+    visual tokens sit, `ids[r]` their prunable indices (0..P_r-1), ascending."""
 
     hidden: torch.Tensor       # [B, T, D]
     positions: torch.Tensor    # [..., B, T]
     key_mask: torch.Tensor     # [B, T] bool
-    visual_slots: torch.Tensor  # [B, n]
-    visual_ids: torch.Tensor    # [B, n]
     input_ids: torch.Tensor    # [B, T]
+    slots: list[torch.Tensor]
+    ids: list[torch.Tensor]
+
+
+@dataclass
+class _Rows:
+    """Per-row facts fixed for a prefill: each row's vision results, the full visual index of
+    each prunable token, the fixed (unprunable) token count, and the row groups that select
+    together (rows with the same prunable count and grids)."""
+
+    vision: list[VisionOutput]
+    prunable_index: list[torch.Tensor]
+    fixed: list[int]
+    groups: dict[tuple, list[int]]
 
 
 class Engine:
@@ -64,7 +87,7 @@ class Engine:
         self.processor = processor
         self.adapter = adapter_for(model)
         self.info = self.adapter.info()
-        tok = processor.tokenizer
+        tok = getattr(processor, "tokenizer", processor)
         self.eos_id = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
         self.pad_id = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else tok.pad_token_id
         if isinstance(self.eos_id, list):
@@ -79,30 +102,42 @@ class Engine:
     # ---- inputs ---------------------------------------------------------------------------
     def prepare(self, images: list, questions: list[str]) -> dict[str, torch.Tensor]:
         """Chat-templated, left-padded processor inputs for one image + question per row."""
-        texts = [self.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True)
-            for q in questions]
-        batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt", padding_side="left")
-        return {k: v.to(self.device) for k, v in batch.items()}
+        batch = self.adapter.prepare(self.processor, images, questions)
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     @torch.no_grad()
-    def vision(self, pixel_values: torch.Tensor) -> VisionOutput:
-        return self.adapter.vision(pixel_values.to(self.device))
+    def vision(self, batch: dict | torch.Tensor) -> list[VisionOutput]:
+        """One VisionOutput per row (a bare pixel tensor is accepted for fixed-size families)."""
+        if isinstance(batch, torch.Tensor):
+            batch = {"pixel_values": batch}
+        return self.adapter.vision({k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
 
     # ---- prefill --------------------------------------------------------------------------
-    def _initial_state(self, batch: dict, vision: VisionOutput) -> _State:
+    def _rows(self, vision: list[VisionOutput]) -> _Rows:
+        index, fixed, groups = [], [], {}
+        for r, vo in enumerate(vision):
+            lay = vo.layout
+            index.append(lay.prunable.nonzero()[:, 0].to(self.device))
+            fixed.append(lay.size - len(index[-1]))
+            groups.setdefault(lay.key(), []).append(r)
+        return _Rows(vision, index, fixed, groups)
+
+    def _initial_state(self, batch: dict, rows: _Rows) -> _State:
         ids, am = batch["input_ids"], batch["attention_mask"]
-        b, t = ids.shape
         emb = self.adapter.embed(ids)
         image_mask = ids == self.adapter.image_token_id
-        n = self.info.num_visual_tokens
-        if not torch.all(image_mask.sum(1) == n):
-            raise ValueError(f"every row needs exactly {n} image tokens (one image per prompt)")
-        feats = vision.features.to(emb.dtype)
-        emb = emb.masked_scatter(image_mask[..., None], feats.reshape(-1, feats.shape[-1]))
-        slots = image_mask.nonzero()[:, 1].view(b, n)
-        ids_v = torch.arange(n, device=ids.device).expand(b, n)
-        return _State(emb, self.adapter.positions(ids, am), am.bool(), slots, ids_v, ids)
+        counts = image_mask.sum(1).tolist()
+        if len(rows.vision) != len(counts):
+            raise ValueError(f"{len(rows.vision)} rows of vision results for a batch of {len(counts)}")
+        for r, (c, vo) in enumerate(zip(counts, rows.vision)):
+            if c != vo.features.shape[1]:
+                raise ValueError(f"row {r} has {c} image placeholder tokens but its images give {vo.features.shape[1]} "
+                                 "visual tokens")
+        feats = torch.cat([vo.features[0] for vo in rows.vision]).to(emb.dtype)
+        emb = emb.masked_scatter(image_mask[..., None], feats)
+        slots = [image_mask[r].nonzero()[:, 0][rows.prunable_index[r]] for r in range(len(counts))]
+        vids = [torch.arange(len(s), device=ids.device) for s in slots]
+        return _State(emb, self.adapter.positions(batch), am.bool(), ids, slots, vids)
 
     @staticmethod
     def _checked(sel: Selection, present: torch.Tensor, d: int, method=None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -137,28 +172,58 @@ class Engine:
             replace = replace.gather(1, order.to(replace.device)[..., None].expand(-1, -1, d))
         return keep, replace
 
-    def _apply(self, st: _State, sel: Selection, method=None) -> _State:
-        """Drop the visual tokens not in `sel.keep` (same count per row) and put merged vectors."""
-        d = st.hidden.shape[-1]
-        keep, replace = self._checked(sel, st.visual_ids, d, method)
+    def _apply(self, st: _State, keeps: list, replaces: list) -> _State:
+        """Drop, per row, the visual tokens not in `keeps[r]` (None: row untouched) and put
+        merged vectors. Rows may keep different counts: a row left shorter than the longest
+        keeps some of its dropped slots as masked padding (never attended to, never counted),
+        so the batch stays one rectangular tensor with every token at its original position."""
         b, t = st.key_mask.shape
-        present = st.visual_ids
-        kept_flags = (present[..., None] == keep[:, None, :]).any(-1)  # [B, n]
-        keep_seq = torch.ones(b, t, dtype=torch.bool, device=keep.device)
-        keep_seq.scatter_(1, st.visual_slots, kept_flags)
-        new_t = int(keep_seq[0].sum())
+        d = st.hidden.shape[-1]
+        keep_seq = torch.ones(b, t, dtype=torch.bool, device=st.key_mask.device)
+        for r, keep in enumerate(keeps):
+            if keep is not None:
+                keep_seq[r, st.slots[r][~torch.isin(st.ids[r], keep)]] = False
+        counts = keep_seq.sum(1)
+        new_t = int(counts.max())
+        key_mask = st.key_mask.clone()
+        for r in (counts < new_t).nonzero()[:, 0].tolist():
+            extra = (~keep_seq[r]).nonzero()[: new_t - int(counts[r]), 0]
+            keep_seq[r, extra] = True
+            key_mask[r, extra] = False
         order = keep_seq.nonzero()[:, 1].view(b, new_t)
         hidden = torch.gather(st.hidden, 1, order[..., None].expand(-1, -1, d))
         pos_index = order.expand(*st.positions.shape[:-2], b, new_t) if st.positions.dim() > 2 else order
         positions = torch.gather(st.positions, -1, pos_index)
-        key_mask = torch.gather(st.key_mask, 1, order)
-        input_ids = torch.gather(st.input_ids, 1, order)
-        is_visual = torch.zeros(b, t, dtype=torch.bool, device=keep.device).scatter_(1, st.visual_slots, True)
-        new_visual = torch.gather(is_visual, 1, order)
-        slots = new_visual.nonzero()[:, 1].view(b, keep.shape[1])
-        if replace is not None:
-            hidden = hidden.scatter(1, slots[..., None].expand(-1, -1, d), replace.to(hidden.dtype))
-        return _State(hidden, positions, key_mask, slots, keep, input_ids)
+        new_index = keep_seq.long().cumsum(1) - 1  # old slot -> new slot
+        slots, ids = [], []
+        for r, keep in enumerate(keeps):
+            if keep is None:
+                slots.append(new_index[r, st.slots[r]])
+                ids.append(st.ids[r])
+                continue
+            old = st.slots[r][torch.isin(st.ids[r], keep)]
+            slots.append(new_index[r, old])
+            ids.append(keep)
+            if replaces[r] is not None:
+                hidden[r, slots[-1]] = replaces[r].to(hidden.dtype)
+        return _State(hidden, positions, torch.gather(key_mask, 1, order), torch.gather(st.input_ids, 1, order),
+                      slots, ids)
+
+    def _select(self, st: _State, rows: _Rows, layer: int, plans: dict, method, prev_hidden, seeds) -> tuple[list, list]:
+        """Ask the method for its selection, one call per group of rows with equal layouts, so
+        a method always sees a dense [b, n] batch with one token count and one grid."""
+        b = st.hidden.shape[0]
+        keeps, replaces = [None] * b, [None] * b
+        for key, members in rows.groups.items():
+            info, points = plans[key]
+            if layer not in points:
+                continue
+            ctx = self._context(st, rows, key, info, layer, prev_hidden, seeds)
+            keep, replace = self._checked(method.select(ctx, points[layer]), ctx.visual_ids, st.hidden.shape[-1], method)
+            for j, r in enumerate(members):
+                keeps[r] = keep[j]
+                replaces[r] = None if replace is None else replace[j]
+        return keeps, replaces
 
     @staticmethod
     def _mask(key_mask: torch.Tensor, q_len: int, dtype) -> torch.Tensor:
@@ -169,68 +234,92 @@ class Engine:
         return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)[:, None]
 
-    @staticmethod
-    def row_seeds(batch: dict, seed: int) -> list[int]:
+    def row_seeds(self, batch: dict, seed: int) -> list[int]:
         """Per-row seeds from the row's own content, so a method's random choices for a sample
         do not depend on which other samples share its batch or on padding."""
         out = []
-        for ids, am, px in zip(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]):
+        for ids, am, px in zip(batch["input_ids"], batch["attention_mask"], self.adapter.pixel_rows(batch)):
             h = hashlib.sha256(str(seed).encode())
             h.update(ids[am.bool()].cpu().numpy().tobytes())
             h.update(px.float().cpu().numpy().tobytes())
             out.append(int.from_bytes(h.digest()[:8], "little") >> 1)
         return out
 
-    def context(self, batch: dict, vision: VisionOutput | None = None) -> PruneContext:
-        """The layer-0 context of a batch (what a pre-LLM method sees), e.g. to train a scorer."""
-        vision = self.vision(batch["pixel_values"]) if vision is None else vision
-        return self._context(self._initial_state(batch, vision), 0, vision, None, [])
+    def context(self, batch: dict, vision: list[VisionOutput] | None = None) -> PruneContext:
+        """The layer-0 context of a batch (what a pre-LLM method sees), e.g. to train a scorer.
+        The rows must share one layout (a fixed-size family, or images of one size)."""
+        vision = self.vision(batch) if vision is None else vision
+        rows = self._rows(vision)
+        if len(rows.groups) != 1:
+            raise ValueError("Engine.context needs rows with one visual-token layout; split the batch by image size")
+        key = next(iter(rows.groups))
+        return self._context(self._initial_state(batch, rows), rows, key, self.adapter.group_info(vision[0].layout), 0,
+                             None, [])
 
-    def _context(self, st: _State, layer: int, vision: VisionOutput, prev_hidden, seeds: list[int]) -> PruneContext:
-        return PruneContext(self.adapter, self.info, layer, st.hidden, st.positions, st.key_mask, st.visual_slots,
-                            st.visual_ids, st.input_ids, vision, prev_hidden, seeds)
+    def _context(self, st: _State, rows: _Rows, key, info, layer: int, prev_hidden, seeds: list[int]) -> PruneContext:
+        members = rows.groups[key]
+        whole = len(members) == st.hidden.shape[0]  # one group: the tensors themselves, no copies
+        idx = torch.tensor(members, device=st.hidden.device)
+        pick = (lambda t: t) if whole else (lambda t: None if t is None else t.index_select(0, idx))  # noqa: E731
+        positions = st.positions if whole else st.positions.index_select(st.positions.dim() - 2, idx)
+        group = [rows.vision[r] for r in members]
+        index = rows.prunable_index[members[0]]
+        view = VisionView(self.adapter, group, None if len(index) == group[0].layout.size else index)
+        return PruneContext(self.adapter, info, layer, pick(st.hidden), positions, pick(st.key_mask),
+                            torch.stack([st.slots[r] for r in members]), torch.stack([st.ids[r] for r in members]),
+                            pick(st.input_ids), view, pick(prev_hidden), [seeds[r] for r in members] if seeds else [])
 
-    def prefill(self, batch: dict, method: PruningMethod | None, vision: VisionOutput | None = None,
+    def prefill(self, batch: dict, method: PruningMethod | None, vision: list[VisionOutput] | None = None,
                 timings: dict | None = None, key_bias: torch.Tensor | None = None):
         """Run the LLM over the prompt. Returns (cache, per-layer key masks, final state, visual
-        tokens per layer). `key_bias` [B, N], added to every layer's attention logits on the
-        visual keys, is the differentiable mask of relaxation-trained scorers (DynamicViT):
+        tokens per layer per row). `key_bias` [B, N], added to every layer's attention logits on
+        the visual keys, is the differentiable mask of relaxation-trained scorers (DynamicViT):
         log(keep) drops a key smoothly; it must be used without pruning."""
-        vision = self.vision(batch["pixel_values"]) if vision is None else vision
-        st = self._initial_state(batch, vision)
+        vision = self.vision(batch) if vision is None else vision
+        rows = self._rows(vision)
+        st = self._initial_state(batch, rows)
         bias = None
         if key_bias is not None:
             bias = torch.zeros(st.key_mask.shape, dtype=key_bias.dtype, device=key_bias.device)
-            bias = bias.scatter(1, st.visual_slots, key_bias)[:, None, None, :]
-        points: dict[int, PrunePoint] = {p.layer: p for p in (method.plan(self.info) if method else [])}
-        seeds = self.row_seeds(batch, method.seed) if points else []
+            for r, s in enumerate(st.slots):
+                bias[r, s] = key_bias[r, : len(s)]
+            bias = bias[:, None, None, :]
+        plans, layers_with_points = {}, set()
+        for key, members in rows.groups.items():
+            info = self.adapter.group_info(rows.vision[members[0]].layout)
+            points = {p.layer: p for p in (method.plan(info) if method else [])}
+            plans[key] = (info, points)
+            layers_with_points |= set(points)
+        seeds = self.row_seeds(batch, method.seed) if layers_with_points else []
         cache = DynamicCache()
-        key_masks, visual_per_layer = [], []
+        key_masks, per_row = [], [[] for _ in rows.vision]
         prev_hidden = None
         scorer_s = 0.0
-        for layer_idx, layer in enumerate(self.adapter.layers):
-            if layer_idx in points:
+        for layer_idx in range(len(self.adapter.layers)):
+            if layer_idx in layers_with_points:
                 t0 = time.perf_counter()
-                ctx = self._context(st, layer_idx, vision, prev_hidden, seeds)
-                st = self._apply(st, method.select(ctx, points[layer_idx]), method)
+                keeps, replaces = self._select(st, rows, layer_idx, plans, method, prev_hidden, seeds)
+                st = self._apply(st, keeps, replaces)
                 scorer_s += time.perf_counter() - t0
-            visual_per_layer.append(st.visual_ids.shape[1])
+            for r, ids in enumerate(st.ids):
+                per_row[r].append(rows.fixed[r] + len(ids))
             key_masks.append(st.key_mask)
             cos_sin = self.adapter.rotary(st.hidden, st.positions)
             mask = self._mask(st.key_mask, st.hidden.shape[1], st.hidden.dtype)
             if bias is not None:
                 mask = mask + bias
             prev_hidden = st.hidden
-            st.hidden = layer(st.hidden, attention_mask=mask, position_ids=st.positions, cache=cache,
-                              use_cache=True, position_embeddings=cos_sin)
+            st.hidden = self.adapter.run_layer(layer_idx, st.hidden, mask, st.positions, cos_sin, cache)
+            st.hidden = self.adapter.after_layer(layer_idx, st.hidden, st.slots,
+                                                 [rows.prunable_index[r][i] for r, i in enumerate(st.ids)], rows.vision)
         if timings is not None:
             timings["scorer"] = timings.get("scorer", 0.0) + scorer_s
-        return cache, key_masks, st, visual_per_layer
+        return cache, key_masks, st, per_row
 
     # ---- generation -----------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, batch: dict, method: PruningMethod | None = None, max_new_tokens: int = 8,
-                 vision: VisionOutput | None = None) -> Generation:
+                 vision: list[VisionOutput] | None = None) -> Generation:
         """Greedy decoding with a KV cache of kept tokens only."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -255,12 +344,11 @@ class Engine:
         timings["decode_steps"] = len(out) - 1
         tokens = torch.stack(out, dim=1)
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)
-        n_layers = len(per_layer)
-        avg = sum(per_layer) / n_layers
+        avg = [sum(counts) / len(counts) for counts in per_layer]
         # Each layer's cache holds exactly the visual tokens that layer attended to (pruned
         # keys are cut out of the cache, not masked), so the KV average equals the layer
         # average here; the fields stay separate for engines that only mask.
-        return Generation(tokens, texts, st.visual_ids.tolist(), [per_layer[0]] * b, [avg] * b, [avg] * b,
+        return Generation(tokens, texts, [i.tolist() for i in st.ids], [c[0] for c in per_layer], avg, list(avg),
                           per_layer, timings)
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, key_masks: list) -> torch.Tensor:
@@ -268,15 +356,14 @@ class Engine:
         h = self.adapter.embed(tokens[:, None])
         cos_sin = self.adapter.rotary(h, positions)
         ones = torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)
-        for i, layer in enumerate(self.adapter.layers):
+        for i in range(len(self.adapter.layers)):
             key_masks[i] = torch.cat([key_masks[i], ones], dim=1)
             mask = self._mask(key_masks[i], 1, h.dtype)
-            h = layer(h, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                      position_embeddings=cos_sin)
+            h = self.adapter.run_layer(i, h, mask, positions, cos_sin, cache)
         return self.adapter.logits(h)[:, -1]
 
     def score(self, batch: dict, method: PruningMethod | None, targets: torch.Tensor,
-              vision: VisionOutput | None = None, key_bias: torch.Tensor | None = None):
+              vision: list[VisionOutput] | None = None, key_bias: torch.Tensor | None = None):
         """Teacher-forced answer scoring: targets [B, L] (pad = -100 after the end).
         Returns (sum of target log-probs [B], greedy-correct [B] bool, first-step logits [B, V]):
         greedy-correct means greedy decoding would produce exactly the target tokens."""
@@ -301,7 +388,7 @@ class Engine:
         return total, correct, first
 
     @torch.no_grad()
-    def logits(self, batch: dict, method: PruningMethod | None = None, vision: VisionOutput | None = None):
+    def logits(self, batch: dict, method: PruningMethod | None = None, vision: list[VisionOutput] | None = None):
         """([B, T', V] logits at every surviving position, [B, T'] key mask) for exactness tests."""
         _, _, st, _ = self.prefill(batch, method, vision)
         return self.adapter.logits(st.hidden), st.key_mask

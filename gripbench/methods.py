@@ -48,7 +48,7 @@ ENTRY_POINT_GROUP = "gripbench.methods"
 ACCOUNTINGS = {
     "llm_input": "visual tokens entering LLM layer 0 = keep_count(rho, N)",
     "layer_avg": "visual tokens averaged over LLM layers = rho * N, within one token per pruning point, where reachable",
-    "grid": "a g x g grid pooled to g' x g' tokens, g' = grid_side(rho, g)",
+    "grid": "each h x w grid pooled to h' x w' tokens, h' = grid_side(rho, h), w' = grid_side(rho, w) (grid_tokens)",
     "none": "keeps every visual token at every budget (the unpruned reference)",
 }
 _BASE_FIELDS = ("budget", "seed")
@@ -61,7 +61,13 @@ class ModelInfo:
     num_visual_tokens: int
     num_layers: int
     hidden_size: int
-    grid: tuple[int, int] | None = None  # visual-token grid (rows, cols) when the image is a single grid
+    grid: tuple[int, int] | None = None  # visual-token grid (rows, cols) when the tokens form one grid
+    # every grid the visual tokens form, in order (anyres: base image then the tiles' map; one per image)
+    grids: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):
+        if self.grid is not None and not self.grids:
+            object.__setattr__(self, "grids", (tuple(self.grid),))
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,13 @@ def grid_side(budget: float, grid: int) -> int:
     """The `grid` accounting: a g x g grid pooled to the nearest g' x g' grid to the budget,
     g' = round(g * sqrt(rho)) half up, in [1, g]; g'^2 = round(rho*N) only when rho*N is a square."""
     return max(1, min(grid, round_half_up(grid * math.sqrt(budget))))
+
+
+def grid_tokens(budget: float, grids) -> int:
+    """Tokens the `grid` accounting allows: each rows x cols grid pooled to
+    grid_side(rho, rows) x grid_side(rho, cols), summed over the grids (one per image, or the
+    base image and the tile map of anyres models)."""
+    return sum(grid_side(budget, h) * grid_side(budget, w) for h, w in grids)
 
 
 def layer_counts(points: list[PrunePoint], info: ModelInfo) -> list[int]:

@@ -37,7 +37,7 @@ import gripbench
 from gripbench import schema
 from gripbench.analysis import bootstrap_ci
 from gripbench.errors import GripbenchError, check_budget, unknown
-from gripbench.flops import Arch, cell_flops
+from gripbench.flops import cell_flops
 from gripbench.lmms import metrics
 from gripbench.methods import create_method, parse_method_args, registry
 from gripbench.versions import environment_versions
@@ -332,7 +332,7 @@ class Runner:
         # inside the user's results folder): give them a scratch folder of their own.
         self._scratch = tempfile.TemporaryDirectory(prefix="gripbench-lmms-")
         self.cli_args = argparse.Namespace(output_path=self._scratch.name, process_with_media=True)
-        self.arch = Arch.from_config(self.engine.model.config)
+        self.arch = self.engine.adapter.llm_arch()
         self.env = environment(self.engine)
 
     def task_manager(self, task: str):
@@ -399,24 +399,33 @@ class Runner:
         if samples["sample_id"].duplicated().any():  # e.g. MME's question_id names the image, shared by a pair
             samples["sample_id"] = [str(s["doc_id"]) for s in logged if s["doc_id"] in per_doc.index]
         lo, hi = bootstrap_ci(samples, cell.seed)
-        text_tokens = float(samples["prompt_tokens"].mean()) - self.engine.info.num_visual_tokens
-        per_layer = self.lm.records[0]["visual_per_layer"]
-        new = max(1, round(samples["new_tokens"].mean()))
-        flops = cell_flops(self.arch, round(text_tokens), per_layer, new,
-                           method.selection_flops(self.engine.info, round(text_tokens), self.arch))
-        kv_tokens = [text_tokens + v + new for v in per_layer]
-        bytes_per = torch.finfo(next(self.engine.model.parameters()).dtype).bits // 8
-        kv_bytes = sum(2 * t * self.arch.kv_heads * self.arch.head_dim * bytes_per for t in kv_tokens)
+        flops, kv_bytes = self.cost([records[s["doc_id"]] for s in logged if s["doc_id"] in per_doc.index], method)
         row = {**cell.record(), "n_samples": len(samples), "metric": scored.metric, "metric_value": scored.metric_value,
                "accuracy": scored.accuracy, "score_mean": scored.score_mean, "accuracy_unit": scored.unit,
                "accuracy_ci_low": lo, "accuracy_ci_high": hi,
                "tokens_llm_input": float(samples["tokens_llm_input"].mean()),
                "tokens_layer_avg": float(samples["tokens_layer_avg"].mean()), "tokens_kv": float(samples["tokens_kv"].mean()),
                "evidence_recall": float(samples["evidence_recall"].mean()) if samples["evidence_recall"].notna().any() else np.nan,
-               **flops, **self.latency(cell, method), "kv_cache_bytes": float(kv_bytes),
+               **flops, **self.latency(cell, method), "kv_cache_bytes": kv_bytes,
                "peak_memory_bytes": peak_memory(self.engine.device),
                "batch_size": self.batch_size, **self.env, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         return row, samples.drop(columns=["prompt_tokens", "new_tokens", "tokens_llm_input", "tokens_layer_avg", "tokens_kv"])
+
+    def cost(self, records: list[dict], method) -> tuple[dict[str, float], float]:
+        """Mean analytic FLOPs and KV-cache bytes per sample, each sample counted with its own
+        prompt length, visual tokens per layer and vision work (rows differ in all three on
+        dynamic-resolution families)."""
+        bytes_per = torch.finfo(next(self.engine.model.parameters()).dtype).bits // 8
+        parts, kv = [], []
+        for rec in records:
+            per_layer, new = rec["visual_per_layer"], max(1, rec["new_tokens"])
+            text = rec["prompt_tokens"] - per_layer[0]
+            f = cell_flops(self.arch, text, per_layer, new, method.selection_flops(rec["info"], text, self.arch))
+            f["flops_total"] += rec["vision_flops"] - f["flops_vision"]
+            f["flops_vision"] = rec["vision_flops"]
+            parts.append(f)
+            kv.append(sum(2 * (text + v + new) * self.arch.kv_heads * self.arch.head_dim * bytes_per for v in per_layer))
+        return {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}, float(np.mean(kv))
 
     def latency(self, cell: Cell, method) -> dict:
         """Warm-up excluded; repeated timed runs on a fixed batch; medians (and p10/p90 end to end).
@@ -440,7 +449,7 @@ class Runner:
             sync()
             t0 = time.perf_counter()
             with torch.no_grad():
-                vision = e.vision(batch["pixel_values"])
+                vision = e.vision(batch)
             sync()
             t1 = time.perf_counter()
             gen = e.generate(batch, m, max_new_tokens=3, vision=vision)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gripbench.adapters import VisionOutput
 from gripbench.context import PruneContext
 from gripbench.engine import Engine
 from gripbench.methods import PrunePoint, PruningMethod, Selection
@@ -115,7 +116,7 @@ def test_vision_cls_attention_equals_eager(pair, samples):
         model.set_attn_implementation({"vision_config": "sdpa", "text_config": "sdpa"})
     layer = model.config.vision_feature_layer % (len(out.attentions) + 1) - 1
     ref = out.attentions[layer][:, :, 0, 1:]
-    row, _ = engine.adapter.vision_attention(engine.vision(batch["pixel_values"]))
+    row, _ = engine.adapter.vision_attention(VisionOutput.cat(engine.vision(batch)))
     assert (row - ref).abs().max() < 1e-5
 
 
@@ -127,7 +128,7 @@ def test_token_counts_and_kept_indices(pair, samples):
     n, layers = engine.info.num_visual_tokens, engine.info.num_layers
     gen = engine.generate(batch, create_method("fastv", budget=0.5, K=1, R=0.5), max_new_tokens=2)
     assert gen.tokens_llm_input == [n, n]
-    assert gen.visual_per_layer == [n] + [round(n * 0.5)] * (layers - 1)
+    assert gen.visual_per_layer == [[n] + [round(n * 0.5)] * (layers - 1)] * 2
     assert gen.tokens_layer_avg[0] == pytest.approx((n + (layers - 1) * round(n * 0.5)) / layers)
     assert all(len(k) == round(n * 0.5) for k in gen.kept_indices)
 

@@ -39,7 +39,7 @@ def test_vision_and_projector(engine, samples):
     batch = engine.prepare([samples[0].image], [samples[0].question])
     arch = Arch.from_config(engine.model.config)
     with FlopCounterMode(display=False) as fc:
-        engine.vision(batch["pixel_values"])
+        engine.vision(batch)
     assert fc.get_total_flops() == 2 * (vision_macs(arch) + projector_macs(arch, arch.num_patches))
 
 
@@ -48,13 +48,13 @@ def test_prefill_with_tokens_present(engine, samples, drop):
     """Unpruned, and with half the visual tokens dropped before the LLM."""
     batch = engine.prepare([samples[1].image], [samples[1].question])
     arch = Arch.from_config(engine.model.config)
-    vision = engine.vision(batch["pixel_values"])
+    vision = engine.vision(batch)
     method = KeepEven(budget=0.5) if drop else None
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         _, _, st, per_layer = engine.prefill(batch, method, vision)
         engine.adapter.logits(st.hidden[:, -1:])
     text = batch["input_ids"].shape[1] - engine.info.num_visual_tokens
-    assert fc.get_total_flops() == 2 * prefill_macs(arch, [text + v for v in per_layer])
+    assert fc.get_total_flops() == 2 * prefill_macs(arch, [text + v for v in per_layer[0]])
 
 
 @pytest.mark.parametrize("name", ["none", "visionzip", "fastv", "sparsevlm"])
@@ -72,6 +72,6 @@ def test_whole_generation_within_2_percent(embedded, samples, name):
         gen = engine.generate(batch, method, max_new_tokens=3)
     text = batch["input_ids"].shape[1] - engine.info.num_visual_tokens
     new = int((gen.tokens[0] != engine.pad_id).sum())
-    analytic = cell_flops(arch, text, gen.visual_per_layer, new, method.selection_flops(engine.info, text, arch))
+    analytic = cell_flops(arch, text, gen.visual_per_layer[0], new, method.selection_flops(engine.info, text, arch))
     measured = fc.get_total_flops()
     assert abs(analytic["flops_total"] - measured) / measured < 0.02, (analytic["flops_total"], measured)

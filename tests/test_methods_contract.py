@@ -177,16 +177,16 @@ def test_parse_method_args():
 def test_one_rounding_rule():
     """Token counts round half up everywhere (Python's round() rounds 2.5 to 2)."""
     from baselines.fastv import default_layer
-    from baselines.pool import pooled_side
     from baselines.sparsevlm import scaled_layers
-    from gripbench.methods import grid_side, keep_count, round_half_up
+    from gripbench.methods import grid_side, grid_tokens, keep_count, round_half_up
 
     assert [round_half_up(x) for x in (0.5, 1.5, 2.5, 2.4999)] == [1, 2, 3, 2]
     assert keep_count(0.125, 20) == 3 and keep_count(0.5, 5) == 3  # 2.5 -> 3
     assert default_layer(40) == 3  # 2 * 40 / 32 = 2.5
     assert scaled_layers(16) == [1, 3, 8]  # 2 * 16 / 32 = 1, 6 * 16 / 32 = 3, 16 * 16 / 32 = 8
     assert scaled_layers(8) == [1, 2, 4]  # 0.5 -> 1 (was 0, lifted to 1), 1.5 -> 2
-    assert pooled_side(10, 0.0625) == grid_side(0.0625, 10) == 3  # 10 * sqrt(0.0625) = 2.5 -> 3
+    assert grid_side(0.0625, 10) == 3  # 10 * sqrt(0.0625) = 2.5 -> 3
+    assert grid_tokens(0.0625, [(10, 10), (4, 6)]) == 3 * 3 + 1 * 2  # 4 * 0.25 = 1, 6 * 0.25 = 1.5 -> 2
 
 
 def test_parameter_declaration_styles():

@@ -190,7 +190,7 @@ class ScorerMethod(PruningMethod):
         q, qm = ctx.question_embeddings()
         rho = torch.full((feats.shape[0],), self.budget, device=feats.device)
         with torch.no_grad():
-            return scorer(feats, q, qm, rho, ctx.info.grid)
+            return scorer(feats, q, qm, rho, ctx.info.grids or None)
 
     def select(self, ctx, point: PrunePoint) -> Selection:
         logits = self.logits(ctx)

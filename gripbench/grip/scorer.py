@@ -33,12 +33,18 @@ def budget_features(rho: torch.Tensor) -> torch.Tensor:
     return torch.cat([rho, torch.sin(rho * freqs), torch.cos(rho * freqs)], dim=-1)
 
 
-def grid_features(n: int, grid: tuple[int, int] | None, device) -> torch.Tensor:
-    """[n, 4*POS_FREQ] sin/cos features of each token's (row, col); zeros without a grid."""
-    if grid is None or grid[0] * grid[1] != n:
+def grid_features(n: int, grid, device) -> torch.Tensor:
+    """[n, 4*POS_FREQ] sin/cos features of each token's (row, col) in its grid, normalised by
+    that grid's size; `grid` is one (rows, cols) or a tuple of them (one per image, or
+    LLaVA-NeXT's base image and tile map, in token order). Zeros without grids."""
+    grids = () if grid is None else ((tuple(grid),) if isinstance(grid[0], int) else tuple(grid))
+    if not grids or sum(h * w for h, w in grids) != n:
         return torch.zeros(n, 4 * POS_FREQ, device=device)
-    idx = torch.arange(n, device=device)
-    rc = torch.stack([idx // grid[1] / grid[0], idx % grid[1] / grid[1]], dim=-1)  # [n, 2] in [0, 1)
+    parts = []
+    for h, w in grids:
+        idx = torch.arange(h * w, device=device)
+        parts.append(torch.stack([idx // w / h, idx % w / w], dim=-1))  # [h*w, 2] in [0, 1)
+    rc = torch.cat(parts)
     freqs = (2.0 ** torch.arange(POS_FREQ, device=device)) * math.pi
     ang = (rc[..., None] * freqs).flatten(1)
     return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 import gripbench
+from gripbench.errors import GripbenchError
 from gripbench.engine import Engine
 from gripbench.grip.data import EmbeddedData, TrainingData
 from gripbench.grip.method import model_record, save_scorer
@@ -152,10 +153,15 @@ class Trainer:
         e = self.engine
         batch = e.prepare([s.image for s in samples], [s.question for s in samples])
         with torch.no_grad():
-            vision = e.vision(batch["pixel_values"])
-            ctx = e.context(batch, vision)
+            vision = e.vision(batch)
+            try:
+                ctx = e.context(batch, vision)
+            except ValueError:
+                raise GripbenchError("scorer training needs the images of a batch to give one visual-token layout; this "
+                                     "model's token count follows the image size: resize the training images to one size"
+                                     ) from None
             q, qm = ctx.question_embeddings()
-        return batch, vision, vision.features.detach(), q.detach(), qm
+        return batch, vision, ctx.vision.features.detach(), q.detach(), qm
 
     def sample_rho(self, n: int) -> torch.Tensor:
         lo, hi = math.log(self.cfg.rho_min), math.log(self.cfg.rho_max)
@@ -280,7 +286,7 @@ def episode_scores(engine: Engine, batch: dict, vision, samples, orders: torch.T
     rows = torch.arange(p).repeat_interleave(g)
     big = {key: val[rows] for key, val in batch.items()}
     keep = orders.reshape(p * g, k).sort(-1).values
-    vis = vision.select_rows(rows)
+    vis = [vision[r] for r in rows.tolist()]
     targets = answer_targets(engine, [s.answer for s in samples])[rows]
     logp, correct, _ = engine.score(big, FixedKeep(keep), targets, vis)
     dense = ((logp + 5) / 5).clamp(0, 1)
@@ -304,7 +310,7 @@ def greedy_texts(engine: Engine, batch: dict, keep: torch.Tensor, vision, target
     todo = [i for i, t in enumerate(texts) if t is None]
     if todo:
         sub = {key: val[todo] for key, val in batch.items()}
-        gen = engine.generate(sub, FixedKeep(keep[todo]), max_new_tokens=max_new_tokens, vision=vision.select_rows(todo))
+        gen = engine.generate(sub, FixedKeep(keep[todo]), max_new_tokens=max_new_tokens, vision=[vision[i] for i in todo])
         for i, text in zip(todo, gen.texts):
             texts[i] = text
     return texts

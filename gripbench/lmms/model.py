@@ -316,7 +316,7 @@ class GripbenchLMM(lmms):
             batch = self.engine.prepare(images, list(contexts))
             self._sync()
             t0 = time.perf_counter()
-            vision = self._vision_for(list(zip(tasks, splits, doc_ids)), batch["pixel_values"])
+            vision = self._vision_for(list(zip(tasks, splits, doc_ids)), batch)
             self._sync()
             totals["vision"] += time.perf_counter() - t0
             kwargs = dict(gen_kwargs[0])
@@ -333,7 +333,9 @@ class GripbenchLMM(lmms):
                 self.records.append({"task": tasks[i], "doc_id": doc_ids[i], "kept_indices": gen.kept_indices[i],
                                      "tokens_llm_input": gen.tokens_llm_input[i], "tokens_layer_avg": gen.tokens_layer_avg[i],
                                      "tokens_kv": gen.tokens_kv[i], "prompt_tokens": prompt_len[i],
-                                     "new_tokens": n_out, "visual_per_layer": gen.visual_per_layer})
+                                     "new_tokens": n_out, "visual_per_layer": gen.visual_per_layer[i],
+                                     "info": self.engine.adapter.group_info(vision[i].layout),
+                                     "vision_flops": self.engine.adapter.vision_flops(vision[i])})
                 for key, value in (("decode_steps", gen.timings.get("decode_steps", 0)), ("input_tokens", prompt_len[i]),
                                    ("output_tokens", n_out), ("visual_tokens_llm_input", gen.tokens_llm_input[i]),
                                    ("visual_tokens_layer_avg", gen.tokens_layer_avg[i]), ("visual_tokens_kv", gen.tokens_kv[i])):
@@ -360,16 +362,14 @@ class GripbenchLMM(lmms):
         log_metrics(total_elapsed_time=elapsed, total_gen_tokens=gen_tokens,
                     avg_speed=gen_tokens / elapsed if elapsed > 0 else 0.0, additional_metrics=extra)
 
-    def _vision_for(self, keys: list[tuple], pixel_values):
-        """Vision outputs for these docs, computed once per image for the whole sweep."""
-        from gripbench.adapters import VisionOutput
-
-        missing = [i for i, k in enumerate(keys) if k not in self._vision]
-        if missing:
-            fresh = self.engine.vision(pixel_values[missing])
-            for j, i in enumerate(missing):
-                self._vision[keys[i]] = fresh.select_rows([j])
-        return VisionOutput.cat([self._vision[k] for k in keys])
+    def _vision_for(self, keys: list[tuple], batch: dict) -> list:
+        """Vision outputs for these docs, computed once per image for the whole sweep. A batch
+        with any uncached doc runs the tower on the whole batch (families such as Qwen2-VL
+        pack every image of a batch into one tensor, so rows cannot be cut out beforehand)."""
+        if any(k not in self._vision for k in keys):
+            for key, vo in zip(keys, self.engine.vision(batch)):
+                self._vision.setdefault(key, vo)
+        return [self._vision[k] for k in keys]
 
     @_cli_guard("generate_until_multi_round")
     def generate_until_multi_round(self, requests):

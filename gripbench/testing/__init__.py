@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from gripbench.errors import GripbenchError
-from gripbench.methods import ACCOUNTINGS, PruningMethod, grid_side, keep_count, layer_counts, param_specs, registry
+from gripbench.methods import (ACCOUNTINGS, ModelInfo, PruningMethod, grid_tokens, keep_count, layer_counts, param_specs,
+                               registry)
 
 Factory = Callable[..., PruningMethod]
 BUDGETS = (0.5, 0.25, 0.125)
@@ -45,63 +46,74 @@ def contract_batch(engine, samples=None, n: int = 4) -> dict:
     return engine.prepare([s.image for s in samples], [s.question for s in samples])
 
 
-def _row(batch: dict, i: int) -> dict:
+def _row(engine, batch: dict, i: int) -> dict:
     """Row i alone, without its left padding."""
-    keep = batch["attention_mask"][i].bool()
-    return {"input_ids": batch["input_ids"][i:i + 1, keep], "attention_mask": batch["attention_mask"][i:i + 1, keep],
-            "pixel_values": batch["pixel_values"][i:i + 1]}
+    return engine.adapter.row_batch(batch, i)
 
 
 def _avg(counts: list[int]) -> float:
     return sum(counts) / len(counts)  # the engine's own formula, so equal plans compare exactly
 
 
+def row_infos(engine, batch: dict) -> tuple[list, list[ModelInfo], list[int]]:
+    """(vision outputs, the ModelInfo a method plans with, fixed-token count) per row: rows of
+    dynamic-resolution families differ in visual-token count and grids."""
+    vision = engine.vision(batch)
+    infos = [engine.adapter.group_info(v.layout) for v in vision]
+    return vision, infos, [v.layout.size - i.num_visual_tokens for v, i in zip(vision, infos)]
+
+
 def check_accounting(engine, factory: Factory, batch: dict, budgets=BUDGETS) -> list[str]:
-    """The recorded token counts honour the method's plan and its declared `accounting`:
-    `llm_input`: tokens entering layer 0 = keep_count(rho, N); `layer_avg`: the layer average
-    is rho*N within one token per pruning point, or, where `reachable` is False, the method's
-    minimum (its count at a vanishing budget) and above rho*N; `grid`: grid_side(rho, g)^2
-    tokens into layer 0; `none`: every token at every layer. Kept indices are sorted, unique,
-    within 0..N-1 and as many as the last layer sees."""
-    info, out = engine.info, []
-    n, layers = info.num_visual_tokens, info.num_layers
+    """The recorded token counts honour the method's plan and its declared `accounting`, per
+    row with the row's own visual-token count N (prunable tokens; a family's fixed tokens,
+    e.g. image-newline tokens, are added to every count): `llm_input`: tokens entering layer
+    0 = keep_count(rho, N); `layer_avg`: the layer average is rho*N within one token per
+    pruning point, or, where `reachable` is False, the method's minimum (its count at a
+    vanishing budget) and above rho*N; `grid`: grid_tokens(rho, grids) into layer 0; `none`:
+    every token at every layer. Kept indices are sorted, unique, within 0..N-1 and as many
+    as the last layer sees."""
+    vision, infos, fixed = row_infos(engine, batch)
+    out = []
     for budget in budgets:
         method = factory(budget=budget, seed=0)
         acc, tag = method.accounting, f"rho={budget:g}"
         if acc not in ACCOUNTINGS:
             out.append(f"{tag}: unknown accounting {acc!r} (expected one of {', '.join(ACCOUNTINGS)})")
             continue
-        points = method.plan(info)
-        gen = engine.generate(batch, method, max_new_tokens=2)
-        if gen.visual_per_layer != layer_counts(points, info):
-            out.append(f"{tag}: visual tokens per layer {gen.visual_per_layer} differ from the plan's {layer_counts(points, info)}")
-        for i, kept in enumerate(gen.kept_indices):
-            if kept != sorted(set(kept)) or (kept and not 0 <= kept[0] <= kept[-1] < n) or len(kept) != gen.visual_per_layer[-1]:
-                out.append(f"{tag}: row {i} kept indices are not {gen.visual_per_layer[-1]} sorted unique indices in 0..{n - 1}")
-        got_in, got_avg = gen.tokens_llm_input[0], gen.tokens_layer_avg[0]
-        asked = budget * n
-        if acc == "none":
-            if gen.visual_per_layer != [n] * layers:
-                out.append(f"{tag}: accounting 'none' keeps all {n} tokens at every layer, got {gen.visual_per_layer}")
-            continue
-        reachable = method.reachable(info)
-        if not reachable:
-            floor = _avg(layer_counts(factory(budget=TINY_BUDGET, seed=0).plan(info), info))
-            if not (abs(got_avg - floor) < 1e-9 and got_avg > asked):
-                out.append(f"{tag}: unreachable, so the layer average should be the method's minimum {floor:g} (> {asked:g}), "
-                           f"got {got_avg:g}")
-        elif acc == "llm_input" and got_in != keep_count(budget, n):
-            out.append(f"{tag}: {got_in} visual tokens entered the LLM; accounting 'llm_input' needs keep_count = "
-                       f"{keep_count(budget, n)}")
-        elif acc == "layer_avg" and abs(got_avg - asked) > max(1, len(points)) + 1e-9:
-            out.append(f"{tag}: layer-averaged visual tokens {got_avg:g}; accounting 'layer_avg' needs {asked:g} within "
-                       f"{max(1, len(points))} token(s), or reachable() False")
-        elif acc == "grid":
-            if info.grid is None:
-                out.append(f"{tag}: accounting 'grid' on a model without a single visual-token grid")
-            elif got_in != grid_side(budget, info.grid[0]) ** 2:
-                out.append(f"{tag}: {got_in} visual tokens entered the LLM; accounting 'grid' needs "
-                           f"{grid_side(budget, info.grid[0])}^2")
+        gen = engine.generate(batch, method, max_new_tokens=2, vision=vision)
+        for i, (info, f) in enumerate(zip(infos, fixed)):
+            rtag = f"{tag} row {i}"
+            n, layers = info.num_visual_tokens, info.num_layers
+            points = method.plan(info)
+            counts = [c - f for c in gen.visual_per_layer[i]]
+            if counts != layer_counts(points, info):
+                out.append(f"{rtag}: visual tokens per layer {counts} differ from the plan's {layer_counts(points, info)}")
+            kept = gen.kept_indices[i]
+            if kept != sorted(set(kept)) or (kept and not 0 <= kept[0] <= kept[-1] < n) or len(kept) != counts[-1]:
+                out.append(f"{rtag}: kept indices are not {counts[-1]} sorted unique indices in 0..{n - 1}")
+            got_in, got_avg = counts[0], _avg(counts)
+            asked = budget * n
+            if acc == "none":
+                if counts != [n] * layers:
+                    out.append(f"{rtag}: accounting 'none' keeps all {n} tokens at every layer, got {counts}")
+                continue
+            if not method.reachable(info):
+                floor = _avg(layer_counts(factory(budget=TINY_BUDGET, seed=0).plan(info), info))
+                if not (abs(got_avg - floor) < 1e-9 and got_avg > asked):
+                    out.append(f"{rtag}: unreachable, so the layer average should be the method's minimum {floor:g} "
+                               f"(> {asked:g}), got {got_avg:g}")
+            elif acc == "llm_input" and got_in != keep_count(budget, n):
+                out.append(f"{rtag}: {got_in} visual tokens entered the LLM; accounting 'llm_input' needs keep_count = "
+                           f"{keep_count(budget, n)}")
+            elif acc == "layer_avg" and abs(got_avg - asked) > max(1, len(points)) + 1e-9:
+                out.append(f"{rtag}: layer-averaged visual tokens {got_avg:g}; accounting 'layer_avg' needs {asked:g} "
+                           f"within {max(1, len(points))} token(s), or reachable() False")
+            elif acc == "grid":
+                if not info.grids:
+                    out.append(f"{rtag}: accounting 'grid' on a layout without visual-token grids")
+                elif got_in != grid_tokens(budget, info.grids):
+                    out.append(f"{rtag}: {got_in} visual tokens entered the LLM; accounting 'grid' needs "
+                               f"grid_tokens = {grid_tokens(budget, info.grids)} for grids {list(info.grids)}")
     return out
 
 
@@ -133,7 +145,7 @@ def check_batch_equals_rows(engine, factory: Factory, batch: dict, budget: float
     together = engine.generate(batch, method, max_new_tokens=3)
     out, pad = [], engine.pad_id  # a batch pads rows that stopped early at EOS
     for i in range(batch["input_ids"].shape[0]):
-        alone = engine.generate(_row(batch, i), method, max_new_tokens=3)
+        alone = engine.generate(_row(engine, batch, i), method, max_new_tokens=3)
         if alone.kept_indices[0] != together.kept_indices[i]:
             out.append(f"row {i} keeps other tokens in a batch than alone")
         if [t for t in alone.tokens[0].tolist() if t != pad] != [t for t in together.tokens[i].tolist() if t != pad]:
@@ -145,15 +157,16 @@ def check_plan_pure(engine, factory: Factory, batch: dict, budget: float = 0.25)
     """`plan` sets no attribute and returns the same plan before and after a `select`: the
     engine, FLOPs count and sweep all call it, so state kept there leaks between models."""
     method = factory(budget=budget, seed=0)
+    info = row_infos(engine, batch)[1][0]
     before = dict(vars(method))
-    first = method.plan(engine.info)
+    first = method.plan(info)
     after = vars(method)
     out = []
     changed = sorted(k for k in set(before) | set(after) if k not in before or k not in after or before[k] is not after[k])
     if changed:
         out.append(f"plan() set attribute(s) {', '.join(changed)}; compute them from `info` / `ctx.info` instead")
     engine.generate(batch, method, max_new_tokens=1)
-    if method.plan(engine.info) != first:
+    if method.plan(info) != first:
         out.append("plan() returned a different plan after select() ran")
     return out
 

@@ -42,9 +42,24 @@ def check_model(model: str) -> None:
 
     path = resolve(model)
     try:
-        AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except Exception as e:  # OSError (not found offline), ValueError (unknown model type), JSON errors
         raise GripbenchError(f"cannot load model {model!r}: {_first_line(e)}") from None
+    check_family(config, model)
+
+
+def check_family(config, model: str) -> None:
+    """Refuse, from the config alone, a model whose class no adapter supports (one line)."""
+    from transformers import AutoModelForImageTextToText
+
+    from gripbench.adapters import FAMILIES
+
+    try:
+        cls = AutoModelForImageTextToText._model_mapping[type(config)].__name__
+    except KeyError:
+        cls = f"{type(config).__name__} (no image-text-to-text class)"
+    if cls not in FAMILIES:
+        raise GripbenchError(f"model {model!r}: class {cls} is not supported (supported: {', '.join(sorted(FAMILIES))})")
 
 
 def _first_line(e: Exception) -> str:
