@@ -23,7 +23,7 @@ from gripbench import testing
 from gripbench.engine import Engine
 from gripbench.flops import cell_flops
 from gripbench.methods import registry
-from gripbench.testing.families import FAMILIES, build, test_images
+from gripbench.testing.families import FAMILIES, build, family_images
 
 QUESTIONS = ["what is the color of the circle?", "how many squares are there?", "is there a red triangle?"]
 SCORER_METHODS = {"grip", "grip-warmup", "dynamicvit"}
@@ -105,7 +105,7 @@ def main() -> None:
     rows, mat = [], {}
     for fam in args.families.split(","):
         engine = Engine(*build(fam))
-        images = test_images(fam)[:3]
+        images = family_images(fam)[:3]
         batch = engine.prepare(images, QUESTIONS[:len(images)])
         single = engine.adapter.row_batch(batch, 0)
         d1, s1 = exactness(engine, single)

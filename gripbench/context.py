@@ -60,8 +60,12 @@ class PruneContext:
 
     def text_mask(self) -> torch.Tensor:
         """[B, T] bool: real tokens that are not visual (image placeholders of any kind, the
-        unprunable image-newline tokens included, are not text)."""
-        return self.key_mask & (self.input_ids != self.adapter.image_token_id)
+        unprunable image-newline tokens included, and the adapter's structure tokens such as
+        Pixtral's [IMG_BREAK] are not text)."""
+        m = self.key_mask & (self.input_ids != self.adapter.image_token_id)
+        for token in self.adapter.structure_token_ids:
+            m &= self.input_ids != token
+        return m
 
     def question_mask(self) -> torch.Tensor:
         """[B, T] bool: text tokens after the image (the question and the answer prompt)."""

@@ -419,7 +419,7 @@ class Runner:
         parts, kv = [], []
         for rec in records:
             per_layer, new = rec["visual_per_layer"], max(1, rec["new_tokens"])
-            text = rec["prompt_tokens"] - per_layer[0]
+            text = rec["prompt_tokens"] - rec["visual_tokens"]
             f = cell_flops(self.arch, text, per_layer, new, method.selection_flops(rec["info"], text, self.arch))
             f["flops_total"] += rec["vision_flops"] - f["flops_vision"]
             f["flops_vision"] = rec["vision_flops"]

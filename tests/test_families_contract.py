@@ -16,11 +16,21 @@ import torch
 from gripbench import testing
 from gripbench.engine import Engine
 from gripbench.methods import registry
-from gripbench.testing.families import FAMILIES, build, test_images
+from gripbench.testing.families import FAMILIES, build, family_images
 
 METHODS = registry().names()
 SCORER_METHODS = {"grip", "grip-warmup", "dynamicvit"}  # shipped scorers fit the embedded model only
 QUESTIONS = ["what is the color of the circle?", "how many squares are there?", "is there a red triangle?"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than two (each op is too small to split), and far
+    faster on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -30,7 +40,7 @@ def family(request, tmp_path_factory):
 
     model, processor = build(request.param)
     engine = Engine(model, processor)
-    images = test_images(request.param)[:3]
+    images = family_images(request.param)[:3]
     batch = engine.prepare(images, QUESTIONS[:len(images)])
     torch.manual_seed(0)
     scorer = str(tmp_path_factory.mktemp("scorer") / "scorer.safetensors")

@@ -51,7 +51,7 @@ def test_warmup_grpo_dynamicvit_few_steps(tiny_hf, tmp_path):
 def test_attention_importance_is_a_distribution(tiny_hf, samples):
     engine = Engine(*tiny_hf)
     batch = engine.prepare([s.image for s in samples[:3]], [s.question for s in samples[:3]])
-    target = attention_importance(engine, batch, engine.vision(batch["pixel_values"]))
+    target = attention_importance(engine, batch, engine.vision(batch))
     assert target.shape == (3, engine.info.num_visual_tokens)
     assert torch.allclose(target.sum(-1), torch.ones(3)) and (target >= 0).all()
 
@@ -61,7 +61,7 @@ def test_greedy_texts_reuse_the_teacher_forced_pass_exactly(tiny_hf, samples):
 
     engine = Engine(*tiny_hf)
     batch = engine.prepare([s.image for s in samples[:4]], [s.question for s in samples[:4]])
-    vision = engine.vision(batch["pixel_values"])
+    vision = engine.vision(batch)
     g = torch.Generator().manual_seed(0)
     keep = torch.stack([torch.randperm(engine.info.num_visual_tokens, generator=g)[:5].sort().values for _ in range(4)])
     gen = engine.generate(batch, FixedKeep(keep), max_new_tokens=4, vision=vision)

@@ -108,7 +108,7 @@ def test_keep_everything_fails_the_shipped_contract(embedded, samples):
     engine = Engine(*embedded)
     batch = testing.contract_batch(engine, samples)
     failures = testing.check_accounting(engine, KeepEverything, batch)
-    assert len(failures) == len(testing.BUDGETS)
+    assert len(failures) == len(testing.BUDGETS) * batch["input_ids"].shape[0]  # one per budget and row
     assert all("144 visual tokens entered the LLM; accounting 'llm_input' needs keep_count" in f for f in failures)
     results = testing.run_checks(engine, KeepEverything, batch)
     assert [r.check for r in results if not r.passed] == ["budget honoured by its accounting"]
@@ -178,7 +178,7 @@ def test_contract_command_fails_a_keep_everything_plugin(plugin_site):
     assert out.returncode == 1, out.stdout + out.stderr
     first, everything = out.stdout.split("tmp-keep-all on embedded")
     assert first.count("PASS  ") == 6 and "FAIL" not in first
-    assert "FAIL  budget honoured by its accounting: rho=0.5: 144 visual tokens entered the LLM" in everything
+    assert "FAIL  budget honoured by its accounting: rho=0.5 row 0: 144 visual tokens entered the LLM" in everything
 
 
 def test_contract_command_usage_errors(capsys):

@@ -126,8 +126,11 @@ class VisionOutput:
         if len(parts) == 1:
             return parts[0]
         join = lambda ts: None if any(t is None for t in ts) else torch.cat(ts)  # noqa: E731
+        # extras that differ in shape between rows of one layout (LLaVA-NeXT's per-tile state
+        # when two images unpad to the same map) are dropped: adapters read them per row
         extras = {k: torch.cat([p.extras[k] for p in parts]) for k in parts[0].extras
-                  if all(isinstance(p.extras.get(k), torch.Tensor) for p in parts)}
+                  if all(isinstance(p.extras.get(k), torch.Tensor) for p in parts)
+                  and len({tuple(p.extras[k].shape[1:]) for p in parts}) == 1}
         out = VisionOutput(torch.cat([p.features for p in parts]), parts[0].layout,
                            join([p.pre_projector for p in parts]), extras)
         if all(p._attention is not None for p in parts):
@@ -163,6 +166,9 @@ class Adapter:
     `vision_attention`, `vision_flops`; they override the rest where the family differs."""
 
     family = "base"
+    # tokens the processor puts around image placeholders that are neither visual tokens nor
+    # text (Pixtral's [IMG_BREAK] / [IMG_END]): excluded from the text a method reads
+    structure_token_ids: tuple[int, ...] = ()
 
     def __init__(self, model):
         self.model = model

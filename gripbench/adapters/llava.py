@@ -28,6 +28,14 @@ def _pair(x) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
+def row_layout(parts: list[VisualLayout]) -> VisualLayout:
+    """A row's layout from its images' layouts (a row without an image: no tokens)."""
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long)
+        return VisualLayout(empty, empty, empty, empty, torch.zeros(0, dtype=torch.bool), ())
+    return parts[0] if len(parts) == 1 else VisualLayout.concat(parts)
+
+
 class LlavaAdapter(Adapter):
     """LLaVA-1.5-style models: one fixed-size image grid per image."""
 
@@ -86,6 +94,20 @@ class LlavaAdapter(Adapter):
         return ModelInfo(num_visual_tokens=self.tokens_out, num_layers=len(self.layers), hidden_size=self.hidden_size,
                          grid=lay.grids[0] if len(lay.grids) == 1 else None, grids=lay.grids)
 
+    # ---- inputs -------------------------------------------------------------------------
+    def _image_tokens(self, batch: dict) -> list[int]:
+        """The placeholder count of each image of the batch, in order."""
+        return [self.tokens_out] * batch["pixel_values"].shape[0]
+
+    def row_batch(self, batch: dict, i: int) -> dict:
+        """Row i alone, without its left padding, with its own images (a row may hold several)."""
+        out = super().row_batch(batch, i)
+        images = self._images_per_row(batch, self._image_tokens(batch))[i]
+        for key in ("pixel_values", "image_sizes"):
+            if isinstance(batch.get(key), torch.Tensor):
+                out[key] = batch[key][images]
+        return out
+
     # ---- vision -------------------------------------------------------------------------
     def _images_per_row(self, batch: dict, tokens: list[int]) -> list[list[int]]:
         """Which images (indices into the batch's images, in order) fill each row: the images in
@@ -125,15 +147,15 @@ class LlavaAdapter(Adapter):
         attn_input = hs[self.attn_layer - 1] if self.attn_layer >= 1 else None
         layout = self._layout()
         rows = []
-        for images in self._images_per_row(batch, [self.tokens_out] * feats.shape[0]):
-            pick = lambda t: t[images].reshape(1, -1, t.shape[-1])  # noqa: E731  [k, n, d] -> [1, k*n, d]
-            rows.append(VisionOutput(pick(feats), layout if len(images) == 1 else VisualLayout.concat([layout] * len(images)),
-                                     pick(selected), {} if attn_input is None else {"attn_input": pick(attn_input)}))
+        for images in self._images_per_row(batch, self._image_tokens(batch)):
+            pick = lambda t, ims=images: t[ims].reshape(1, -1, t.shape[-1])  # noqa: E731  [k, n, d] -> [1, k*n, d]
+            rows.append(VisionOutput(pick(feats), row_layout([layout] * len(images)), pick(selected),
+                                     {} if attn_input is None else {"attn_input": pick(attn_input)}))
         return rows
 
-    def project(self, pre_projector: torch.Tensor) -> torch.Tensor:
-        """The projector on vision features (methods that merge before the projector: VisionZip)."""
-        return self.projector(pre_projector)
+    def project(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """The projector on `pre_projector` vectors (methods that merge before it: VisionZip)."""
+        return self.projector(vision_features)
 
     @torch.no_grad()
     def vision_attention(self, vo: VisionOutput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,6 +188,29 @@ class LlavaAdapter(Adapter):
         return vo._attention
 
     # ---- LLM ----------------------------------------------------------------------------
+    def _window(self, index: int) -> int | None:
+        """Layer `index`'s sliding attention window (Mistral, Phi-3; Qwen2's `sliding_attention`
+        layers), or None for full attention."""
+        text = self.config.get_text_config()
+        window = getattr(text, "sliding_window", None)
+        types = getattr(text, "layer_types", None)
+        if types is not None and index < len(types):
+            return window if types[index] == "sliding_attention" else None
+        return window
+
+    def run_layer(self, index: int, h, mask, positions, cos_sin, cache):
+        """The stock layer, with the sliding window the stock model's mask applies where the
+        layer has one (query slot i sees key slot j only if i - j < window; slots count left
+        padding, as the stock cache positions do). The eager/SDPA kernels ignore the layer's
+        own `sliding_window`: the mask is what enforces it."""
+        window = self._window(index)
+        if window is not None and mask.shape[-1] > window:
+            k, q = mask.shape[-1], mask.shape[-2]
+            qi = torch.arange(k - q, k, device=mask.device)
+            far = (qi[:, None] - torch.arange(k, device=mask.device)[None, :]) >= window
+            mask = mask.masked_fill(far, torch.finfo(mask.dtype).min)
+        return super().run_layer(index, h, mask, positions, cos_sin, cache)
+
     def _rope(self, q, k, query_cos_sin, key_cos_sin):
         """Partial rotary (Phi-3 with partial_rotary_factor < 1, as its apply_rotary_pos_emb):
         only the first cos.shape[-1] dims of each head rotate."""
@@ -190,6 +235,6 @@ class LlavaAdapter(Adapter):
         projector on the tokens it projects (2 x MACs)."""
         from gripbench.flops import vision_macs
 
-        images = int(vo.layout.image.max()) + 1 if vo.layout.size else 0
+        images = int(vo.layout.image.max()) + 1 if vo.layout.size else 0  # a row's images are numbered 0..k-1
         per_image = vision_macs(self.vision_arch()) + self.tokens_out * self.projector_macs_per_token()
         return float(2 * images * per_image)

@@ -334,6 +334,7 @@ class GripbenchLMM(lmms):
                                      "tokens_llm_input": gen.tokens_llm_input[i], "tokens_layer_avg": gen.tokens_layer_avg[i],
                                      "tokens_kv": gen.tokens_kv[i], "prompt_tokens": prompt_len[i],
                                      "new_tokens": n_out, "visual_per_layer": gen.visual_per_layer[i],
+                                     "visual_tokens": vision[i].layout.size,  # before any pruning
                                      "info": self.engine.adapter.group_info(vision[i].layout),
                                      "vision_flops": self.engine.adapter.vision_flops(vision[i])})
                 for key, value in (("decode_steps", gen.timings.get("decode_steps", 0)), ("input_tokens", prompt_len[i]),

@@ -370,7 +370,7 @@ def answer_attention(model, layer: int, hidden: torch.Tensor, positions: list[li
     conversation; SDPA everywhere plus these rows made a training step ~20% cheaper. The
     rows are eager attention's numbers (same q/k, RoPE and masks; tests/test_zoo.py checks it), so
     the gradients are those of the eager loss."""
-    from gripbench.adapters import LlavaAdapter
+    from gripbench.adapters.llava import LlavaAdapter
 
     width = max(1, max(len(p) for p in positions))
     queries = torch.tensor([p + [0] * (width - len(p)) for p in positions])

@@ -33,7 +33,7 @@ def build(name: str):
     return getattr(import_module(module), fn)()
 
 
-def test_images(name: str) -> list:
+def family_images(name: str) -> list:
     """Images of different sizes and aspect ratios for family variant `name`."""
     module, _ = FAMILIES[name].split(":")
     return import_module(module).images()
