@@ -17,11 +17,10 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from gripbench import testing
 from gripbench.engine import Engine
-from gripbench.flops import cell_flops
+from gripbench.flops import cell_flops, flop_counter
 from gripbench.methods import registry
 from gripbench.testing.families import FAMILIES, build, family_images
 
@@ -68,7 +67,7 @@ def overhead(engine: Engine, batch: dict, repeats: int) -> float:
 def flops_ratio(engine: Engine, batch: dict) -> float:
     """Analytic FLOPs of a whole unpruned generation of row 0 over what torch counted."""
     row = engine.adapter.row_batch(batch, 0)
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         vision = engine.vision(row)
         gen = engine.generate(row, None, max_new_tokens=3, vision=vision)
     per_layer = gen.visual_per_layer[0]
@@ -97,9 +96,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(2)
+    import tempfile
+
     from gripbench.grip.method import save_scorer
     from gripbench.grip.scorer import BudgetAwareScorer
-    import tempfile
 
     folder = tempfile.mkdtemp()
     rows, mat = [], {}

@@ -35,7 +35,7 @@ from transformers import DynamicCache
 
 from gripbench.adapters import VisionOutput, VisionView, adapter_for
 from gripbench.context import PruneContext
-from gripbench.methods import PrunePoint, PruningMethod, Selection, method_label
+from gripbench.methods import PruningMethod, Selection, method_label
 
 
 @dataclass

@@ -134,3 +134,21 @@ def cell_flops(a: Arch, text_tokens: int, visual_per_layer: list[int], new_token
     return {"flops_vision": float(vision), "flops_scorer": float(method_flops), "flops_llm_prefill": float(prefill),
             "flops_decode_per_token": float(decode_one),
             "flops_total": float(vision + method_flops + prefill + decode_total)}
+
+
+def flop_counter():
+    """torch's `FlopCounterMode` (no display) that also counts SDPA on the CPU: torch >= 2.14
+    runs SDPA there through `_scaled_dot_product_flash_attention_for_cpu`, which its counter
+    does not know (it counts the CUDA flash/efficient kernels), so attention went uncounted.
+    Registered once, with the CUDA kernels' formula: 2 x (Q K^T + P V) multiply-adds. What
+    the tests and benchmarks compare the analytic counts against."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
+
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if kernel is not None and kernel not in flop_registry:
+        @register_flop_formula(kernel)
+        def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+    return FlopCounterMode(display=False)
+

@@ -343,6 +343,10 @@ class PruningMethod:
         method on a shallow LLM): results then record the reached count, not the asked one."""
         return True
 
+    def check(self, engine) -> None:
+        """Refuse, before a sweep runs any cell, a loaded model this method cannot run on (one
+        GripbenchError line), e.g. a scorer trained for another model. Default: nothing."""
+
     def selection_flops(self, info: ModelInfo, text_tokens: int, arch=None) -> float:
         """FLOPs of the method's own work per sample (scoring, merging), charged to it in
         results. Default: nothing beyond the model's forward."""

@@ -30,7 +30,8 @@ import gripbench
 
 PACKAGE = Path(gripbench.__file__).parent
 # The modules that run inside a cell: evaluation, pruning, token counting, FLOPs, latency.
-CELL_CODE = ("engine.py", *sorted(f"adapters/{p.name}" for p in (PACKAGE / "adapters").glob("*.py")), "context.py", "methods.py", "flops.py", "sweep.py", "evaluate.py",
+CELL_CODE = ("engine.py", *sorted(f"adapters/{p.name}" for p in (PACKAGE / "adapters").glob("*.py")),  # every family
+             "context.py", "methods.py", "flops.py", "sweep.py", "evaluate.py",
              "lmms/model.py", "lmms/task_utils.py", "lmms/tasks.py")
 _HUB_SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
 

@@ -488,6 +488,25 @@ class SweepResult:
     kept_stale: int = 0  # of those, reused as they were (--keep-stale)
 
 
+def unfit_methods(engine, todo: list[Cell], seed: int, methods: str, method_args) -> dict[str, str]:
+    """Methods that cannot run on the loaded model (`PruningMethod.check`), e.g. GRIP with its
+    shipped scorer, trained for the embedded model, on a 7B checkpoint. Named explicitly, or
+    given --method-args, such a method stops the sweep (one line); under `--methods all` it is
+    left out with a note on stderr saying why and how to include it."""
+    given = parse_method_args(method_args) if isinstance(method_args, str) else dict(method_args or {})
+    unfit = {}
+    for m, params in sorted({(c.method, c.method_params) for c in todo}):
+        try:
+            create_method(m, budget=0.5, seed=seed, **json.loads(params)).check(engine)
+        except GripbenchError as e:
+            if methods.strip() != "all" or m in given:
+                raise
+            unfit[m] = str(e)
+    for m, why in unfit.items():
+        print(f"--methods all: leaving out {m}: {why} (then pass --method-args '{m}:scorer=PATH')", file=sys.stderr)
+    return unfit
+
+
 def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all", budgets=DEFAULT_BUDGETS,
               limit: int | None = None, out: str | Path | None = None, seed: int = 0, executor: str = "local",
               batch_size: int = 32, progress: bool = True, verbose: bool = False, keep_stale: bool = False,
@@ -527,6 +546,11 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
         print(metrics.rounded_limit_note(task, limit, rounded), file=sys.stderr)
     runner = (Runner(model, batch_size, verbose, sorted({c.task for c in todo}), include_path)
               if todo and executor == "local" else None)
+    if runner is not None:  # e.g. a scorer trained for another model: refused before anything is written
+        unfit = unfit_methods(runner.engine, todo, seed, methods, method_args)
+        if unfit:
+            cells = [c for c in cells if c.method not in unfit]
+            todo = [c for c in todo if c.method not in unfit]
     store.create()
     for old in state.replaced:  # replaced by an earlier run that stopped before retiring them
         store.retire(old)

@@ -18,22 +18,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
 from gripbench.engine import Engine
-from gripbench.flops import prefill_macs
+from gripbench.flops import flop_counter, prefill_macs
 from gripbench.methods import PrunePoint, PruningMethod, Selection, create_method, keep_count, registry
 from gripbench.testing.families import build
 from gripbench.testing.families.llava import images, questions
-
-_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-if _CPU_SDPA is not None and _CPU_SDPA not in flop_registry:
-    # torch >= 2.14 runs SDPA on the CPU through this kernel, which its flop counter does not
-    # know: the same formula as the CUDA kernels, 2 x (Q K^T + P V) multiply-adds.
-    @register_flop_formula(_CPU_SDPA)
-    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
 
 VARIANTS = ["llava-clip", "llava-siglip", "llava-multilayer", "llava-mistral", "llava-phi3", "llava-pixtral"]
 SCORER_METHODS = {"grip", "grip-warmup", "dynamicvit"}
@@ -278,12 +268,12 @@ def test_vision_flops_match_counted(fam):
     adapter = fam.engine.adapter
     for i in range(3):
         batch = _batch(fam, 1, start=i)
-        with FlopCounterMode(display=False) as fc:
+        with flop_counter() as fc:
             vo = fam.engine.vision(batch)[0]
         measured = fc.get_total_flops()
         assert abs(adapter.vision_flops(vo) - measured) / measured < 0.02, (adapter.vision_flops(vo), measured)
     batch = _batch(fam, 3)
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         rows = fam.engine.vision(batch)
     total = sum(adapter.vision_flops(vo) for vo in rows)
     assert abs(total - fc.get_total_flops()) / fc.get_total_flops() < 0.02
@@ -305,7 +295,7 @@ def test_prefill_flops_match_counted(fam, method):
     batch = _batch(fam, 1, start=2)
     vision = engine.vision(batch)
     m = {None: None, "even": KeepEven(budget=0.5), "fastv": create_method("fastv", budget=0.25)}[method]
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+    with flop_counter() as fc, torch.no_grad():
         _, _, st, per_layer = engine.prefill(batch, m, vision)
         engine.adapter.logits(st.hidden[:, -1:])
     text = batch["input_ids"].shape[1] - _visual(fam, batch)[0]

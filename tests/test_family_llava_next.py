@@ -11,20 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
 from gripbench.engine import Engine
-from gripbench.flops import prefill_macs
+from gripbench.flops import flop_counter, prefill_macs
 from gripbench.methods import create_method, keep_count, registry
-from gripbench.testing.families import build
-from gripbench.testing.families import family_images
-
-_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-if _CPU_SDPA is not None and _CPU_SDPA not in flop_registry:  # as in test_flops.py: torch's counter misses it
-    @register_flop_formula(_CPU_SDPA)
-    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
+from gripbench.testing.families import build, family_images
 
 VARIANTS = ["llava-next", "llava-onevision"]
 QUESTIONS = ["what color is the sign ?", "how many objects are there ?", "what shape is the object ?",
@@ -221,7 +212,7 @@ def test_vision_flops_match_counted_stock_call(fam):
     vos = engine.vision(batch)
     for r, vo in enumerate(vos):
         extra = {"batch_num_images": batch["batch_num_images"][r:r + 1]} if "batch_num_images" in batch else {}
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
+        with flop_counter() as fc, torch.no_grad():
             model.model.get_image_features(batch["pixel_values"][r:r + 1], batch["image_sizes"][r:r + 1], **extra)
         measured = fc.get_total_flops()
         assert abs(engine.adapter.vision_flops(vo) / measured - 1) < 0.02, (r, engine.adapter.vision_flops(vo), measured)
@@ -233,7 +224,7 @@ def test_prefill_flops_match_counted_engine(fam, method):
     batch = _batch(engine, images, [UNPADDED])
     vision = engine.vision(batch)
     m = create_method(method, budget=0.25) if method else None
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+    with flop_counter() as fc, torch.no_grad():
         _, _, st, per_layer = engine.prefill(batch, m, vision)
         engine.adapter.logits(st.hidden[:, -1:])
     text = batch["input_ids"].shape[1] - vision[0].layout.size

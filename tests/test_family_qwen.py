@@ -11,23 +11,12 @@ import sys
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
 from gripbench.engine import Engine
 from gripbench.errors import GripbenchError
-from gripbench.flops import prefill_macs
+from gripbench.flops import flop_counter, prefill_macs
 from gripbench.methods import PrunePoint, PruningMethod, Selection, create_method, keep_count, registry
-from gripbench.testing.families import build
-from gripbench.testing.families import family_images
-
-_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-if _CPU_SDPA is not None and _CPU_SDPA not in flop_registry:
-    # as in test_flops.py: torch >= 2.14 runs SDPA on the CPU through a kernel its flop counter
-    # does not know; same formula as the CUDA kernels, 2 x (Q K^T + P V) multiply-adds
-    @register_flop_formula(_CPU_SDPA)
-    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
+from gripbench.testing.families import build, family_images
 
 VARIANTS = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 QUESTIONS = ["what is the color of the circle ?", "how many objects are there in the image ?", "describe this picture .",
@@ -292,7 +281,7 @@ def test_qwen2_5_windowed_last_block(monkeypatch):
         assert (logits - model(**batch).logits)[mask].abs().max() <= 1e-4
     for r, vo in enumerate(vision):
         row = engine.adapter.row_batch(batch, r)
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
+        with flop_counter() as fc, torch.no_grad():
             model.model.get_image_features(row["pixel_values"], row["image_grid_thw"])
         assert abs(engine.adapter.vision_flops(vo) - fc.get_total_flops()) / fc.get_total_flops() < 0.02, r
 
@@ -344,7 +333,7 @@ def test_vision_flops_match_counter(fam):
     (Qwen2.5-VL's windowed blocks with partial edge windows; Qwen3-VL's DeepStack mergers)."""
     for r, vo in enumerate(fam.vision(5)):
         row = fam.adapter.row_batch(fam.mixed, r)
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
+        with flop_counter() as fc, torch.no_grad():
             fam.model.model.get_image_features(row["pixel_values"], row["image_grid_thw"])
         measured, analytic = fc.get_total_flops(), fam.adapter.vision_flops(vo)
         assert abs(analytic - measured) / measured < 0.02, (r, analytic, measured)
@@ -357,7 +346,7 @@ def test_prefill_flops_match_counter(fam, method):
     batch = fam.adapter.row_batch(fam.mixed, 1)
     vision = fam.engine.vision(batch)
     m = None if method is None else create_method(method, budget=0.5)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+    with flop_counter() as fc, torch.no_grad():
         _, _, st, per_layer = fam.engine.prefill(batch, m, vision)
         fam.adapter.logits(st.hidden[:, -1:])
     text = batch["input_ids"].shape[1] - vision[0].features.shape[1]

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
 from gripbench.engine import Engine
-from gripbench.flops import Arch, prefill_macs, projector_macs, vision_macs
+from gripbench.flops import Arch, flop_counter, prefill_macs, projector_macs, vision_macs
 from gripbench.methods import PrunePoint, PruningMethod, Selection
-
-_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-if _CPU_SDPA is not None and _CPU_SDPA not in flop_registry:
-    # torch >= 2.14 runs SDPA on the CPU through this kernel, which its flop counter does not
-    # know (it counts the CUDA flash/efficient kernels): the attention matmuls went uncounted.
-    # Same formula as the CUDA kernels: 2 x (Q K^T + P V) multiply-adds.
-    @register_flop_formula(_CPU_SDPA)
-    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 class KeepEven(PruningMethod):
@@ -38,7 +28,7 @@ def engine(request):
 def test_vision_and_projector(engine, samples):
     batch = engine.prepare([samples[0].image], [samples[0].question])
     arch = Arch.from_config(engine.model.config)
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         engine.vision(batch)
     assert fc.get_total_flops() == 2 * (vision_macs(arch) + projector_macs(arch, arch.num_patches))
 
@@ -50,7 +40,7 @@ def test_prefill_with_tokens_present(engine, samples, drop):
     arch = Arch.from_config(engine.model.config)
     vision = engine.vision(batch)
     method = KeepEven(budget=0.5) if drop else None
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+    with flop_counter() as fc, torch.no_grad():
         _, _, st, per_layer = engine.prefill(batch, method, vision)
         engine.adapter.logits(st.hidden[:, -1:])
     text = batch["input_ids"].shape[1] - engine.info.num_visual_tokens
@@ -68,7 +58,7 @@ def test_whole_generation_within_2_percent(embedded, samples, name):
     arch = Arch.from_config(engine.model.config)
     method = create_method(name, budget=0.25)
     batch = engine.prepare([samples[2].image], [samples[2].question])
-    with FlopCounterMode(display=False) as fc:
+    with flop_counter() as fc:
         gen = engine.generate(batch, method, max_new_tokens=3)
     text = batch["input_ids"].shape[1] - engine.info.num_visual_tokens
     new = int((gen.tokens[0] != engine.pad_id).sum())

@@ -149,6 +149,7 @@ class ScorerMethod(PruningMethod):
     """Top round(rho*N) visual tokens by a trained scorer's logits, before the LLM."""
 
     weights = "grip"
+    train_command = "grip"  # `gripbench train <this>` writes such a scorer
     accounting = "llm_input"
 
     scorer: str | None = None  # path of a scorer written by `gripbench train`; None = the shipped weights
@@ -168,11 +169,17 @@ class ScorerMethod(PruningMethod):
             self._scorer = (path, scorer)
         if scorer.dim != dim:
             raise GripbenchError(f"the scorer at {path} was trained for hidden size {scorer.dim}, the model has {dim}; "
-                                 f"train one for this model with `gripbench train {self.weights} --model ...`")
+                                 f"train one for this model with `gripbench train {self.train_command} --model ...`")
         return scorer
 
     def selection_flops(self, info: ModelInfo, text_tokens: int, arch=None) -> float:
         return float(BudgetAwareScorer(info.hidden_size).flops(info.num_visual_tokens, text_tokens))
+
+    def check(self, engine) -> None:
+        """The scorer fits the model: its hidden size, and the model it records (if any)."""
+        self.scorer_model(engine.adapter.hidden_size)
+        if self.scorer is not None:
+            check_scorer_model(self.scorer, engine.model)
 
     def check_model(self, ctx) -> None:
         """A scorer file trained for another model is refused (once per method and model).
@@ -209,6 +216,7 @@ class GripWarmup(ScorerMethod):
 
     name = "grip-warmup"
     weights = "grip-warmup"
+    train_command = "warmup"
 
 
 class DynamicViT(ScorerMethod):
@@ -216,3 +224,4 @@ class DynamicViT(ScorerMethod):
 
     name = "dynamicvit"
     weights = "dynamicvit"
+    train_command = "dynamicvit"

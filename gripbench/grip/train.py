@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 import gripbench
-from gripbench.errors import GripbenchError
 from gripbench.engine import Engine
+from gripbench.errors import GripbenchError
 from gripbench.grip.data import EmbeddedData, TrainingData
 from gripbench.grip.method import model_record, save_scorer
 from gripbench.grip.policy import group_advantages, grpo_loss, gumbel_top_k, plackett_luce_log_prob

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gripbench.errors import GripbenchError
-from gripbench.methods import (ACCOUNTINGS, ModelInfo, PruningMethod, grid_tokens, keep_count, layer_counts, param_specs,
-                               registry)
+from gripbench.methods import ACCOUNTINGS, ModelInfo, PruningMethod, grid_tokens, keep_count, layer_counts, param_specs, registry
 
 Factory = Callable[..., PruningMethod]
 BUDGETS = (0.5, 0.25, 0.125)
