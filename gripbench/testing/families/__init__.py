@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
+import torch
+
 FAMILIES: dict[str, str] = {
     "qwen2-vl": "gripbench.testing.families.qwen:build_qwen2_vl",
     "qwen2.5-vl": "gripbench.testing.families.qwen:build_qwen2_5_vl",
@@ -37,3 +39,20 @@ def family_images(name: str) -> list:
     """Images of different sizes and aspect ratios for family variant `name`."""
     module, _ = FAMILIES[name].split(":")
     return import_module(module).images()
+
+
+def spread_weights(model, tokenizer, seed: int):
+    """Random weights N(0, 0.2), larger than the default init so greedy outputs vary with the
+    input, from a generator of their own (reproducible whatever ran before); greedy
+    generation config with the tokenizer's special tokens. Returns the model in eval mode."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.do_sample = False
+    return model.eval()
+

@@ -25,6 +25,8 @@ import functools
 import torch
 from PIL import Image
 
+from gripbench.testing.families import spread_weights
+
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             max_position_embeddings=512)
 CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=56,
@@ -57,14 +59,7 @@ def _model(cfg, tok, seed: int):
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg)
-    with torch.no_grad():  # larger weights than the default init, so greedy outputs vary with the input
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return model.eval()
+    return spread_weights(LlavaForConditionalGeneration(cfg), tok, seed)
 
 
 def _llava(vision, text_kind: str, layer, strategy: str, seed: int, kv_heads: int = 2, siglip: bool = False,

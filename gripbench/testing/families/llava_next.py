@@ -25,6 +25,8 @@ from functools import lru_cache
 
 import torch
 
+from gripbench.testing.families import spread_weights
+
 TILE = 42
 PATCH = 14
 PINPOINTS = [[TILE, 2 * TILE], [2 * TILE, TILE], [2 * TILE, 2 * TILE]]
@@ -44,17 +46,6 @@ def _tokenizer(video: bool = False):
     return tok
 
 
-def _finish(model, tok, seed: int):
-    with torch.no_grad():  # larger weights than the default init, so greedy outputs vary with the input
-        g = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.generation_config.do_sample = False
-    return model.eval()
 
 
 def build_llava_next(seed: int = 0):
@@ -80,7 +71,7 @@ def build_llava_next(seed: int = 0):
                           image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
                           vision_feature_select_strategy="default", image_seq_length=(TILE // PATCH) ** 2)
     torch.manual_seed(seed)
-    model = _finish(LlavaNextForConditionalGeneration(cfg), tok, seed)
+    model = spread_weights(LlavaNextForConditionalGeneration(cfg), tok, seed)
     improc = LlavaNextImageProcessor(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
                                      image_grid_pinpoints=PINPOINTS)
     proc = LlavaNextProcessor(image_processor=improc, tokenizer=tok, patch_size=PATCH,
@@ -115,7 +106,7 @@ def build_llava_onevision(seed: int = 0):
                                video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=PINPOINTS,
                                vision_feature_layer=-1, vision_feature_select_strategy="full", vision_aspect_ratio=ASPECT)
     torch.manual_seed(seed)
-    model = _finish(LlavaOnevisionForConditionalGeneration(cfg), tok, seed)
+    model = spread_weights(LlavaOnevisionForConditionalGeneration(cfg), tok, seed)
     improc = LlavaOnevisionImageProcessor(size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS)
     proc = LlavaOnevisionProcessor(image_processor=improc, tokenizer=tok,
                                    video_processor=LlavaOnevisionVideoProcessor(size={"height": TILE, "width": TILE}),

@@ -29,6 +29,8 @@ from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from gripbench.testing.families import spread_weights
+
 PATCH = 8
 MERGE = 2
 MIN_PIXELS = (PATCH * MERGE) ** 2 * 4    # 2 x 2 merged tokens
@@ -114,16 +116,6 @@ def _rope(hidden: int, sections: list[int], interleaved: bool = False) -> dict:
     return out
 
 
-def _finish(model, tok, seed: int):
-    torch.manual_seed(seed)
-    with torch.no_grad():  # larger weights than the default init, so greedy outputs vary with the input
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.do_sample = False
-    return model.eval()
 
 
 def build_qwen2_vl(hidden: int = 64):
@@ -137,7 +129,7 @@ def build_qwen2_vl(hidden: int = 64):
     cfg = Qwen2VLConfig(text_config=_text(tok, hidden, rope_parameters=_rope(hidden, [2, 3, 3])),
                         vision_config=vision, **_ids(tok))
     torch.manual_seed(0)
-    model = _finish(Qwen2VLForConditionalGeneration(cfg), tok, 1)
+    model = spread_weights(Qwen2VLForConditionalGeneration(cfg), tok, 1)
     proc = Qwen2VLProcessor(image_processor=_image_processor(), tokenizer=tok, video_processor=_video_processor(),
                              chat_template=chat_template(True))
     return model, proc
@@ -154,7 +146,7 @@ def build_qwen2_5_vl(hidden: int = 64):
     cfg = Qwen2_5_VLConfig(text_config=_text(tok, hidden, rope_parameters=_rope(hidden, [2, 3, 3])),
                            vision_config=vision, **_ids(tok))
     torch.manual_seed(0)
-    model = _finish(Qwen2_5_VLForConditionalGeneration(cfg), tok, 2)
+    model = spread_weights(Qwen2_5_VLForConditionalGeneration(cfg), tok, 2)
     proc = Qwen2_5_VLProcessor(image_processor=_image_processor(), tokenizer=tok, video_processor=_video_processor(),
                                chat_template=chat_template(True))
     return model, proc
@@ -171,7 +163,7 @@ def build_qwen3_vl(hidden: int = 64):
     cfg = Qwen3VLConfig(text_config=_text(tok, hidden, head_dim=hidden // 4, rope_parameters=_rope(hidden, [4, 2, 2], interleaved=True)),
         vision_config=vision, **_ids(tok))
     torch.manual_seed(0)
-    model = _finish(Qwen3VLForConditionalGeneration(cfg), tok, 3)
+    model = spread_weights(Qwen3VLForConditionalGeneration(cfg), tok, 3)
     proc = Qwen3VLProcessor(image_processor=_image_processor(), tokenizer=tok, video_processor=_video_processor(True),
                             chat_template=chat_template(False))
     return model, proc
