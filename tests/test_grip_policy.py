@@ -92,3 +92,16 @@ def test_scorer_is_budget_aware_and_cheap():
     big = BudgetAwareScorer(dim=4096, width=64)
     llava7b_prefill = 2 * 6.7e9 * 600
     assert big.flops(576, 40) / llava7b_prefill < 0.005
+
+
+def test_grid_features_per_grid():
+    """Position features on several grids (one per image, or LLaVA-NeXT's base image and tile
+    map): each grid's tokens get their own grid's features; a count that does not match the
+    grids gets none (zeros) rather than wrong positions."""
+    from gripbench.grip.scorer import grid_features
+
+    both = grid_features(6 + 2, ((2, 3), (1, 2)), "cpu")
+    assert torch.equal(both[:6], grid_features(6, (2, 3), "cpu"))
+    assert torch.equal(both[6:], grid_features(2, (1, 2), "cpu"))
+    assert not torch.equal(grid_features(6, (2, 3), "cpu"), grid_features(6, (3, 2), "cpu"))
+    assert not grid_features(7, ((2, 3),), "cpu").any()
