@@ -12,14 +12,15 @@ original position ids.
 
 Budget mapping (design.md): R is derived from rho so that the layer-averaged visual token
 count equals rho * N: k = (rho*N*L - K*N) / (L - K), rounded half up like every token count
-(methods.round_half_up). K defaults to the paper's 2 of 32 layers scaled to the model's
-depth (at least 1). A budget below about K/L is out of FastV's reach (`reachable` is
+(methods.round_half_up). K defaults to the official K = 2 whatever the depth (the official
+code uses it for 32- and 40-layer models alike; a model of 2 layers gets K = 1). A budget
+below about K/L is out of FastV's reach (`reachable` is
 False): it then keeps one token after layer K and the recorded `tokens_layer_avg` shows
 the true, higher count. Passing `R` explicitly (with or without `K`) overrides the
 mapping, as in the paper's K/R grid; the budget is then not used.
 
-Parameters: K (int, 1 <= K < L; None = the scaled default), R (float in [0, 1); None =
-from rho), variant ('last' | 'all'). `fastv-k2` is FastV with K = 2 by default.
+Parameters: K (int, 1 <= K < L; None = the official 2), R (float in [0, 1); None =
+from rho), variant ('last' | 'all').
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from gripbench.methods import ModelInfo, PrunePoint, PruningMethod, Selection, m
 
 
 def default_layer(num_layers: int) -> int:
-    return max(1, round_half_up(2 * num_layers / 32))
+    """The official K = 2 (below the model's depth)."""
+    return max(1, min(2, num_layers - 1))
 
 
 class FastV(PruningMethod):
@@ -42,7 +44,7 @@ class FastV(PruningMethod):
     name = "fastv"
     accounting = "layer_avg"
 
-    K: int | None = None  # prune before this LLM layer; None = 2 of 32 scaled to the model's depth
+    K: int | None = None  # prune before this LLM layer; None = the official 2
     R: float | None = None  # fraction of image tokens dropped; None = derived from the budget
     variant: Literal["last", "all"] = "last"  # rank by the last token's attention row, or by all rows
 
@@ -100,11 +102,3 @@ class FastV(PruningMethod):
         visual_scores = scores.gather(1, ctx.visual_slots)
         local = topk_sorted(visual_scores, point.keep)
         return Selection(ctx.visual_ids.gather(1, local), scores=visual_scores)
-
-
-class FastVK2(FastV):
-    """FastV pruning after LLM layer 2 (the paper's K, unscaled), R set so the layer-average matches rho"""
-
-    name = "fastv-k2"
-
-    K: int | None = 2

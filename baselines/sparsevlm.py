@@ -7,10 +7,11 @@ github.com/Gumpest/SparseVLMs (v1 schedule).
 - Raters: from the layer-0 input embeddings, relevance of each text token after the
   image = softmax over text of (visual @ text^T), averaged over visual tokens; the text
   tokens above the mean relevance rate the visual tokens.
-- At each pruning layer l (the official 2 / 6 / 15 of 32, scaled to the model's depth),
+- At each scoring layer l (the official 2 / 6 / 15 of 32, scaled to the model's depth),
   visual tokens are scored by the raters' attention at that layer (recomputed from its
-  q/k after RoPE, averaged over heads and raters) and dropped from its output, so the
-  next layers see the per-layer count of the schedule.
+  q/k after RoPE, averaged over heads and raters) and dropped from its output, so layers
+  l + 1 on (3 / 7 / 16 of 32) see the per-layer count of the schedule, as in the official
+  code, which prunes the output of the layer it scores with.
 - Recycling (parameter `recycle`, default true): of the deleted tokens the top 30% by
   score are clustered (density-peak clustering with k-nearest neighbours, k = number of
   clusters = n_recycled // 10 + 1) and each cluster's mean hidden state is put back, in
@@ -32,18 +33,20 @@ import torch
 
 from gripbench.methods import ModelInfo, PrunePoint, PruningMethod, Selection, layer_counts, round_half_up, topk_sorted
 
-# Official schedules for LLaVA-1.5 (576 tokens, 32 layers): counts after layers 2 / 6 / 15,
-# i.e. first seen by layers 2, 6 and 16 (the repo's "2*576 4*300 10*200 16*110").
+# Official schedules for LLaVA-1.5 (576 tokens, 32 layers): counts kept from the outputs of
+# layers 2 / 6 / 15, i.e. first seen by layers 3, 7 and 16.
 PROFILES = {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)}
-FIRST_LAYERS_32 = (2, 6, 16)
+SCORING_LAYERS_32 = (2, 6, 15)
 
 
 def scaled_layers(num_layers: int) -> list[int]:
+    """The layers that first see each pruned count: one past each official scoring layer,
+    scaled to the model's depth (scoring layers round half up, strictly increasing)."""
     out: list[int] = []
-    for x in FIRST_LAYERS_32:
-        layer = max(1, round_half_up(x * num_layers / 32), (out[-1] + 1) if out else 1)
-        if layer < num_layers:
-            out.append(layer)
+    for x in SCORING_LAYERS_32:
+        scoring = max(round_half_up(x * num_layers / 32), out[-1] if out else 0)
+        if scoring + 1 < num_layers:
+            out.append(scoring + 1)
     return out
 
 
@@ -89,9 +92,11 @@ def density_peak_clusters(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     dist = torch.cdist(x.float(), x.float()) / d ** 0.5
     knn = dist.topk(min(k, m), largest=False).values
     density = torch.exp(-(knn ** 2).mean(-1))
-    # Index-based tie-break instead of the official random jitter keeps results deterministic.
-    density = density + torch.arange(m, 0, -1, device=x.device, dtype=density.dtype) * 1e-9
-    higher = density[None, :] > density[:, None]
+    # Token j outranks i when denser, or equally dense and earlier: a strict order, so of a
+    # tied pair exactly one can be a centre (the official code adds 1e-6 random noise; an
+    # index offset below float32 resolution left float-equal pairs tied, both centres).
+    idx = torch.arange(m, device=x.device)
+    higher = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None]))
     delta = torch.where(higher, dist, torch.full_like(dist, float("inf"))).min(-1).values
     delta = torch.where(torch.isinf(delta), dist.max(), delta)
     centres = (delta * density).topk(k).indices

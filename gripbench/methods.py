@@ -126,11 +126,11 @@ def layer_counts(points: list[PrunePoint], info: ModelInfo) -> list[int]:
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest scores per row, in original order (ties broken by lower index)."""
-    n = scores.shape[-1]
-    # A tiny index-dependent offset makes ties deterministic across devices and batch sizes.
-    order = torch.argsort(scores.double() - torch.arange(n, device=scores.device, dtype=torch.double) * 1e-12,
-                          dim=-1, descending=True, stable=True)
+    """Indices of the k highest scores per row, in original order; exact ties go to the lower
+    index (a stable descending sort), and unequal scores are never reordered, however small
+    (FastV's last-token attention to image tokens is ~1e-11 per token on the embedded model:
+    an index-dependent offset of 1e-12, used here before, decided its ranking)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     return order[..., :k].sort(dim=-1).values
 
 

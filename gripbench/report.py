@@ -57,9 +57,33 @@ def _fmt(x, pct=True) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.3g}"
 
 
+def unreachable(cells: pd.DataFrame) -> pd.Series:
+    """True for cells whose method could not meet their budget on the model (schema 4's
+    `budget_reachable`; an overall row is unreachable when any of its tasks was; folders
+    from before schema 4 say nothing, read as reachable)."""
+    if "budget_reachable" not in cells:
+        return pd.Series(False, index=cells.index)
+    flag = pd.to_numeric(cells["budget_reachable"], errors="coerce")
+    return flag.notna() & (flag < 1)
+
+
+def unreachable_note(cells: pd.DataFrame) -> str:
+    """One line per method and budget the method could not meet, with what it met."""
+    bad = cells[unreachable(cells)]
+    if bad.empty:
+        return ""
+    met = bad.groupby(["method", "budget"])["budget_reached"].mean()
+    items = [f"{html.escape(m)} at {b:g} (met {r:.3g})" for (m, b), r in met.items()]
+    return ("<p class=note>† Budget out of the method's reach on this model (an in-LLM method needs full layers before "
+            "its first pruning point): the cell holds what the method did at its minimum, not that budget, and is never "
+            "marked best at it: " + "; ".join(items) + ".</p>")
+
+
 def summary_html(cells: pd.DataFrame) -> str:
     """Accuracy (and retention) per method x budget, per task and overall; the best method of
-    each column at each budget is marked (ties all marked); `none` is the reference row."""
+    each column at each budget is marked (ties all marked); `none` is the reference row. A
+    budget the method could not reach is marked † and never marked best."""
+    out_of_reach = set(map(tuple, cells.loc[unreachable(cells), ["method", "budget"]].drop_duplicates().to_numpy()))
     table = analysis.summary_table(cells)
     tasks = list(table["accuracy"].columns)
     if analysis.OVERALL in tasks:
@@ -68,14 +92,16 @@ def summary_html(cells: pd.DataFrame) -> str:
     rows = [f"<tr><th class=l>method</th><th>budget</th>{head}<th>retention ({tasks[-1]})</th></tr>"]
     for _, block in table.groupby(level="budget", sort=False):
         others = block.drop(index="none", level="method", errors="ignore")
+        others = others[[(m, b) not in out_of_reach for m, b in others.index]]
         best = {t: others[("accuracy", t)].max() for t in tasks}
         for (method, b), r in block.iterrows():
             tds = []
+            far = (method, b) in out_of_reach
             for t in tasks:
                 v = r[("accuracy", t)]
-                mark = " class=best" if method != "none" and np.isfinite(v) and v == best[t] else ""
+                mark = " class=best" if method != "none" and not far and np.isfinite(v) and v == best[t] else ""
                 tds.append(f"<td{mark}>{_fmt(v)}</td>")
-            rows.append(f"<tr><td class=l>{html.escape(method)}</td><td>{b:g}</td>{''.join(tds)}"
+            rows.append(f"<tr><td class=l>{html.escape(method)}</td><td>{b:g}{' †' if far else ''}</td>{''.join(tds)}"
                         f"<td>{_fmt(r[('retention', tasks[-1])])}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
@@ -91,12 +117,16 @@ def pareto_figure(cells: pd.DataFrame, cost: str, colors: dict[str, str]) -> go.
         g = data[data["task"] == task].dropna(subset=[cost])
         for method, m in g.groupby("method"):
             m = m.sort_values(cost)
+            far = unreachable(m).to_numpy()
+            asked = [f"{b:g}" + (f" out of reach (met {r:.3g})" if f else "")
+                     for b, r, f in zip(m["budget"], m.get("budget_reached", m["budget"]), far)]
             fig.add_trace(go.Scatter(
                 x=m[cost], y=100 * m["accuracy"], mode="lines+markers", name=method, legendgroup=method,
-                marker={"color": colors[method], "size": 8}, line={"color": colors[method]}, visible=ti == 0,
+                marker={"color": colors[method], "size": 8, "symbol": np.where(far, "circle-open", "circle")},
+                line={"color": colors[method]}, visible=ti == 0,
                 error_y={"type": "data", "symmetric": False, "array": 100 * (m["accuracy_ci_high"] - m["accuracy"]),
                          "arrayminus": 100 * (m["accuracy"] - m["accuracy_ci_low"]), "thickness": 1},
-                customdata=np.stack([m["budget"]], axis=-1),
+                customdata=np.stack([asked], axis=-1),
                 hovertemplate=f"{method}<br>budget %{{customdata[0]}}<br>%{{x:.3s}}<br>%{{y:.1f}}%<extra></extra>"))
             owners.append(ti)
         front = g[analysis.pareto_frontier(g, cost)].sort_values(cost)
@@ -318,7 +348,8 @@ def build_report(results: str | Path, budget: float = 0.25) -> str:
         return out
 
     body.append("<h2>Summary</h2><p class=note>Accuracy (%) per method and budget; best pruning method per column at "
-                "each budget in bold green (ties all marked); `none` is the unpruned model.</p>" + summary_html(cells))
+                "each budget in bold green (ties all marked); `none` is the unpruned model.</p>" + summary_html(cells)
+                + unreachable_note(cells))
     body.append("<h2>Pareto frontiers</h2><p class=note>Error bars: bootstrap 95% CI. Dashed: the non-dominated "
                 "cells. The menu switches task.</p>" + "".join(figure(f) for _, f in pareto))
     body += [f"<h2>{title}</h2>{content}" for title, content in tables]

@@ -11,8 +11,11 @@ folders still load, and a resume treats their cells as stale, saying why); 2, id
 columns (`gripbench.provenance`), per-run latency ratios, CPU share, per-cell peak memory;
 3, each task scored by its own metric (`metric`, `metric_value`, `score_mean`,
 `accuracy_unit`; per-sample `score` in [0, 1] with its resampling `unit` and `stratum`, in
-place of the boolean `correct`), latency timed per task. Older folders are read through
-`upgrade` (their samples' `correct` becomes `score`; their cells were scored by exact match).
+place of the boolean `correct`), latency timed per task; 4, `budget_reached` and
+`budget_reachable` (a budget an in-LLM method cannot meet on a shallow model is recorded as
+such, with what it met). Older folders are read through `upgrade` (their samples' `correct`
+becomes `score`; their cells were scored by exact match; a cell before 4 says nothing about
+reach: both columns null).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import pandas as pd
 
 from gripbench.errors import GripbenchError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,11 @@ CELL = (
     Column("tokens_llm_input", "float", "tokens", "visual tokens entering LLM layer 0 (mean over samples)"),
     Column("tokens_layer_avg", "float", "tokens", "visual tokens averaged over LLM layers"),
     Column("tokens_kv", "float", "tokens", "visual tokens held in the KV cache, averaged over layers"),
+    Column("budget_reached", "float", "fraction", "the budget the cell met in the method's accounting: the visual tokens "
+           "it counts / N, mean over samples (llm_input and grid: entering LLM layer 0; layer_avg: the layer average; "
+           "none: 1); image-newline tokens, never pruned, are left out of both"),
+    Column("budget_reachable", "bool", "", "false when the method cannot meet `budget` on this model (an in-LLM method "
+           "on a shallow LLM keeps its minimum instead): the report marks such points and never ranks them at `budget`"),
     Column("evidence_recall", "float", "fraction", "share of the evidence patches kept (embedded tasks; NaN elsewhere)"),
     Column("flops_total", "float", "FLOPs", "per sample: vision + selection + prefill + decode (2 x MACs)"),
     Column("flops_vision", "float", "FLOPs", "vision tower and projector"),

@@ -399,12 +399,14 @@ class Runner:
         if samples["sample_id"].duplicated().any():  # e.g. MME's question_id names the image, shared by a pair
             samples["sample_id"] = [str(s["doc_id"]) for s in logged if s["doc_id"] in per_doc.index]
         lo, hi = bootstrap_ci(samples, cell.seed)
-        flops, kv_bytes = self.cost([records[s["doc_id"]] for s in logged if s["doc_id"] in per_doc.index], method)
+        used = [records[s["doc_id"]] for s in logged if s["doc_id"] in per_doc.index]
+        flops, kv_bytes = self.cost(used, method)
         row = {**cell.record(), "n_samples": len(samples), "metric": scored.metric, "metric_value": scored.metric_value,
                "accuracy": scored.accuracy, "score_mean": scored.score_mean, "accuracy_unit": scored.unit,
                "accuracy_ci_low": lo, "accuracy_ci_high": hi,
                "tokens_llm_input": float(samples["tokens_llm_input"].mean()),
                "tokens_layer_avg": float(samples["tokens_layer_avg"].mean()), "tokens_kv": float(samples["tokens_kv"].mean()),
+               **budget_met(method, used),
                "evidence_recall": float(samples["evidence_recall"].mean()) if samples["evidence_recall"].notna().any() else np.nan,
                **flops, **self.latency(cell, method), "kv_cache_bytes": kv_bytes,
                "peak_memory_bytes": peak_memory(self.engine.device),
@@ -486,6 +488,20 @@ class SweepResult:
     cells: list[Cell] = field(default_factory=list)
     stale: int = 0  # cells whose identity changed since they were computed
     kept_stale: int = 0  # of those, reused as they were (--keep-stale)
+
+
+def budget_met(method, records: list[dict]) -> dict:
+    """`budget_reached` (the counted visual tokens / N in the method's accounting, mean over
+    samples; fixed tokens such as image newlines left out) and `budget_reachable` (the
+    method's own `reachable` on every sample's layout)."""
+    reached, reachable = [], True
+    for rec in records:
+        info, per_layer = rec["info"], rec["visual_per_layer"]
+        fixed, n = rec["visual_tokens"] - info.num_visual_tokens, info.num_visual_tokens
+        counted = (sum(per_layer) / len(per_layer) if method.accounting == "layer_avg" else per_layer[0]) - fixed
+        reached.append(counted / n if n else float("nan"))
+        reachable &= bool(method.reachable(info))
+    return {"budget_reached": float(np.mean(reached)), "budget_reachable": reachable}
 
 
 def unfit_methods(engine, todo: list[Cell], seed: int, methods: str, method_args) -> dict[str, str]:

@@ -13,7 +13,7 @@ import pytest
 
 GOOD_ARGS = ('pretrained=embedded,method=fastv,budget=0.25,method_args="fastv:K=2,R=0.5",dtype=float32,'
              'attn_implementation=eager,batch_size=4,device=cpu,seed=1')
-FASTVV = "gripbench: error: unknown method 'fastvv' (did you mean 'fastv' or 'fastv-k2'?)"
+FASTVV = "gripbench: error: unknown method 'fastvv' (did you mean 'fastv'?)"
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_model_args_parse_as_strings_with_quotes():
 
 
 @pytest.mark.parametrize("args, message", [
-    ("method=fastvv", "unknown method 'fastvv' (did you mean 'fastv' or 'fastv-k2'?)"),
+    ("method=fastvv", "unknown method 'fastvv' (did you mean 'fastv'?)"),
     ("method=fastv,budget=2", "budget 2 is outside (0, 1]"),
     ("method=fastv,budget=abc", "budget of fastv must be a number in (0, 1], not 'abc'"),
     ("pretrained=/nonexistent/ckpt", "model folder /nonexistent/ckpt does not exist"),

@@ -150,13 +150,18 @@ def test_typed_parameters_are_checked_and_converted():
         create_method("fastv", K=8).plan(ModelInfo(144, 8, 192, (12, 12)))
 
 
-def test_named_variant_fastv_k2():
+def test_fastv_official_k_and_sparsevlm_official_layers():
+    """FastV prunes before layer K = 2 (the official default, not scaled with depth: the
+    embedded 8-layer model got K = 1 before); SparseVLM scores with layers 2 / 6 / 15 of 32
+    and prunes their outputs, so the pruned counts are first seen by layers 3 / 7 / 16."""
+    from baselines.sparsevlm import scaled_layers
     from gripbench.methods import ModelInfo, create_method
 
-    info = ModelInfo(144, 8, 192, (12, 12))
-    assert create_method("fastv-k2").K == 2 and create_method("fastv").K is None
-    assert create_method("fastv-k2", budget=0.5).plan(info)[0].layer == 2
-    assert create_method("fastv", budget=0.5).plan(info)[0].layer == 1  # the paper's 2 of 32 layers, scaled to 8
+    assert create_method("fastv", budget=0.5).plan(ModelInfo(144, 8, 192, (12, 12)))[0].layer == 2
+    assert create_method("fastv", budget=0.5).plan(ModelInfo(576, 32, 4096, (24, 24)))[0].layer == 2
+    assert create_method("fastv", budget=0.9).plan(ModelInfo(16, 2, 64, (4, 4)))[0].layer == 1
+    assert scaled_layers(32) == [3, 7, 16]
+    assert [p.layer for p in create_method("sparsevlm", budget=0.33).plan(ModelInfo(576, 32, 4096, (24, 24)))] == [3, 7, 16]
 
 
 def test_parse_method_args():
@@ -182,9 +187,9 @@ def test_one_rounding_rule():
 
     assert [round_half_up(x) for x in (0.5, 1.5, 2.5, 2.4999)] == [1, 2, 3, 2]
     assert keep_count(0.125, 20) == 3 and keep_count(0.5, 5) == 3  # 2.5 -> 3
-    assert default_layer(40) == 3  # 2 * 40 / 32 = 2.5
-    assert scaled_layers(16) == [1, 3, 8]  # 2 * 16 / 32 = 1, 6 * 16 / 32 = 3, 16 * 16 / 32 = 8
-    assert scaled_layers(8) == [1, 2, 4]  # 0.5 -> 1 (was 0, lifted to 1), 1.5 -> 2
+    assert default_layer(40) == 2 and default_layer(2) == 1  # the official K = 2, below the depth
+    assert scaled_layers(16) == [2, 4, 9]  # scoring 2 * 16 / 32 = 1, 6 * 16 / 32 = 3, 15 * 16 / 32 = 7.5 -> 8; then + 1
+    assert scaled_layers(8) == [2, 3, 5]  # scoring 0.5 -> 1, 1.5 -> 2, 3.75 -> 4; then + 1
     assert grid_side(0.0625, 10) == 3  # 10 * sqrt(0.0625) = 2.5 -> 3
     assert grid_tokens(0.0625, [(10, 10), (4, 6)]) == 3 * 3 + 1 * 2  # 4 * 0.25 = 1, 6 * 0.25 = 1.5 -> 2
 

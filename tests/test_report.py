@@ -188,3 +188,29 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _good_out_of_reach(row, samples):
+    """`good` could not meet 0.25 (an in-LLM method on a shallow model): it met 0.4."""
+    if row["method"] == "good" and row["budget"] == 0.25:
+        row = {**row, "budget_reachable": False, "budget_reached": 0.4}
+    elif row["method"] != "none":
+        row = {**row, "budget_reachable": True, "budget_reached": row["budget"]}
+    return row, samples
+
+
+def test_unreachable_budget_is_marked_never_best(tmp_path):
+    """A cell at a budget the method could not reach is marked †, with what it met, in the
+    summary and as an open marker in the plots, and is never the best at that budget (here
+    `good` beats `weak` at 0.25, but `weak` is the best method that met it)."""
+    from gripbench.report import build_report, summary_html
+    from gripbench.store import ResultsStore
+
+    folder = synthetic_results(tmp_path / "res", edit=_good_out_of_reach, n=40)
+    cells = ResultsStore(folder).cells()
+    table = summary_html(cells)
+    good = next(r for r in table.split("<tr>") if r.startswith("<td class=l>good</td><td>0.25 †</td>"))
+    weak = next(r for r in table.split("<tr>") if r.startswith("<td class=l>weak</td><td>0.25</td>"))
+    assert "class=best" not in good and "class=best" in weak
+    page = build_report(folder)
+    assert "good at 0.25 (met 0.4)" in page and "circle-open" in page and "out of reach (met 0.4)" in page

@@ -152,6 +152,15 @@ class VisionView:
     def _take(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         return t if self._index is None else t.index_select(dim, self._index.to(t.device))
 
+    def extra(self, name: str) -> torch.Tensor | None:
+        """The rows' family tensor `name` stacked ([b, ...]), or None where a row lacks it
+        (e.g. "cls": the LLaVA adapter's [CLS] outputs per image, [b, images, Dv], which the
+        `default` strategy does not feed to the LLM)."""
+        parts = [r.extras.get(name) for r in self._rows]
+        if any(not isinstance(p, torch.Tensor) for p in parts) or len({p.shape[1:] for p in parts}) != 1:
+            return None
+        return torch.cat(parts)
+
     def attention(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([b, H, P] attention received, [b, P, Dk] keys) at the feature layer."""
         parts = [self._adapter.vision_attention(r) for r in self._rows]

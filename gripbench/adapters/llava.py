@@ -145,12 +145,16 @@ class LlavaAdapter(Adapter):
         selected = self._select_features(hs)
         feats = self.projector(selected)
         attn_input = hs[self.attn_layer - 1] if self.attn_layer >= 1 else None
+        # the [CLS] output the `default` strategy drops: VisionZip's official rule feeds it to the LLM
+        cls = torch.cat([hs[i][:, :1] for i in self.feature_layers], -1) if self.has_cls and self.strategy == "default" else None
         layout = self._layout()
         rows = []
         for images in self._images_per_row(batch, self._image_tokens(batch)):
             pick = lambda t, ims=images: t[ims].reshape(1, -1, t.shape[-1])  # noqa: E731  [k, n, d] -> [1, k*n, d]
-            rows.append(VisionOutput(pick(feats), row_layout([layout] * len(images)), pick(selected),
-                                     {} if attn_input is None else {"attn_input": pick(attn_input)}))
+            extras = {} if attn_input is None else {"attn_input": pick(attn_input)}
+            if cls is not None:
+                extras["cls"] = pick(cls)  # [1, images, Dv]
+            rows.append(VisionOutput(pick(feats), row_layout([layout] * len(images)), pick(selected), extras))
         return rows
 
     def project(self, vision_features: torch.Tensor) -> torch.Tensor:

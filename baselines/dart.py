@@ -1,0 +1,155 @@
+"""DART: duplication-aware visual-token pruning inside the LLM, without attention weights.
+
+Paper: "Stop Looking for Important Tokens in Multimodal Language Models: Duplication
+Matters More" (Wen et al., EMNLP 2025, arXiv 2502.11494); official code:
+github.com/ZichenWen1/DART (LLaVA: llava/model/language_model/modeling_llama_self.py,
+`get_retained_image_token`; LLaVA-1.5 scripts: K = 2, 4 image + 4 text pivots).
+
+Before LLM layer K (official K = 2), as in the official code:
+- pivots: the key states of layer K-1 (after its input norm and RoPE, all heads
+  concatenated) give each token an L1 norm; the `pivot_image` image tokens with the largest
+  norm (official 4) and the `pivot_text` text tokens after the image with the largest norm
+  (the question and answer prompt; official 4) are the pivots;
+- duplicates: the hidden states entering layer K, through the LLM's final norm (the
+  official `self.norm(layer_outputs[0])`), are compared by cosine similarity; for each pivot
+  in turn, the image tokens not yet chosen (image pivots excluded) LEAST similar to it are
+  chosen, an equal share per pivot;
+- kept: the image pivots and every chosen token, for layers K..L-1, with their original
+  position ids (as in the official code, which sets position_ids to the kept indices).
+No attention weights are needed (works with FlashAttention).
+
+Budget mapping (design.md, accounting "layer_avg", as FastV here): the official budget is
+the number of image tokens kept after layer K (`max_num_trunction`, e.g. 128 of 576); here
+that count k is derived from rho so that the layer-averaged visual token count equals
+rho * N: k = (rho*N*L - K*N) / (L - K), rounded half up. K defaults to the official 2 (a
+model of 2 layers gets K = 1). A budget below about K/L is out of reach (`reachable` is
+False): one token is kept after layer K and the recorded `tokens_layer_avg` shows the true
+count. Passing `R` (fraction of image tokens dropped, the official `reduction_ratio`)
+overrides the mapping; the budget is then not used.
+
+Deviations from the official code:
+- the kept count is exactly k: min(pivot_image, k) image pivots, then the other k - pivots
+  tokens split over the pivots as evenly as possible (the first pivots take one more). The
+  official code gives every pivot floor(M / pivots) tokens on top of the image pivots, so
+  it keeps up to pivot_image more than its nominal M (132 for M = 128);
+- pivots are processed in sequence order; the official code iterates a Python set of
+  indices (hash order);
+- fewer text tokens than `pivot_text` (or none) means fewer text pivots;
+- ties (equal norms, equal similarities) go to the lower index (methods.topk_sorted);
+- where the adapter's LLM has no final norm (`adapter.lm.norm`), the raw hidden states are
+  compared.
+
+Parameters: K (int, 1 <= K < L; None = the official 2), R (float in [0, 1); None = from
+rho), pivot_image (int >= 1; official 4), pivot_text (int >= 0; official 4).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gripbench.errors import GripbenchError
+from gripbench.methods import ModelInfo, PrunePoint, PruningMethod, Selection, method_label, round_half_up, topk_sorted
+
+
+def default_layer(num_layers: int) -> int:
+    """The official K = 2 (below the model's depth)."""
+    return max(1, min(2, num_layers - 1))
+
+
+def pivot_quotas(rest: int, pivots: int) -> list[int]:
+    """`rest` tokens split over `pivots` pivots as evenly as possible, the first ones taking one more."""
+    share, extra = divmod(rest, pivots)
+    return [share + (i < extra) for i in range(pivots)]
+
+
+def dart_keep(key_norms: torch.Tensor, hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor, keep: int,
+              pivot_image: int = 4, pivot_text: int = 4) -> torch.Tensor:
+    """The DART rule for one row: positions into `visual` (ascending) of the `keep` image tokens
+    kept. `key_norms` [T] are the L1 norms of the tokens' key states, `hidden` [T, D] the
+    (final-normed) hidden states, `visual` [n] the slots of the image tokens, `text` [m] the
+    slots of the text tokens that may be pivots."""
+    n = visual.numel()
+    image_pivots = topk_sorted(key_norms[visual].float(), min(pivot_image, keep, n))  # positions into `visual`
+    text_pivots = text[topk_sorted(key_norms[text].float(), min(pivot_text, text.numel()))]  # slots
+    pivots = sorted([int(visual[i]) for i in image_pivots] + text_pivots.tolist())  # sequence order
+    chosen = torch.zeros(n, dtype=torch.bool, device=visual.device)
+    chosen[image_pivots] = True
+    h = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    candidates = h[visual]  # [n, D]
+    for slot, quota in zip(pivots, pivot_quotas(keep - len(image_pivots), len(pivots))):
+        if quota == 0:
+            continue
+        dissimilarity = -(candidates @ h[slot])  # negative cosine similarity to the pivot
+        picked = topk_sorted(dissimilarity.masked_fill(chosen, float("-inf")), quota)
+        chosen[picked] = True
+    return chosen.nonzero()[:, 0]
+
+
+class DART(PruningMethod):
+    """keep the image tokens least similar to a few key-norm pivots after layer K (layer-avg = rho)"""
+
+    name = "dart"
+    accounting = "layer_avg"
+
+    K: int | None = None  # prune before this LLM layer; None = the official 2
+    R: float | None = None  # fraction of image tokens dropped; None = derived from the budget
+    pivot_image: int = 4  # image pivots (largest key L1 norm); official 4
+    pivot_text: int = 4  # text pivots from the question after the image; official 4
+
+    def validate(self) -> None:
+        label = method_label(self)
+        if self.K is not None and self.K < 1:
+            raise GripbenchError(f"parameter K of {label} must be at least 1 (layer 0 is before the LLM), not {self.K}")
+        if self.R is not None and not 0.0 <= self.R < 1.0:
+            raise GripbenchError(f"parameter R of {label} must be in [0, 1), not {self.R:g}")
+        if self.pivot_image < 1:
+            raise GripbenchError(f"parameter pivot_image of {label} must be at least 1, not {self.pivot_image}")
+        if self.pivot_text < 0:
+            raise GripbenchError(f"parameter pivot_text of {label} must be at least 0, not {self.pivot_text}")
+
+    def layer(self, info: ModelInfo) -> int:
+        """K, checked against the model's depth (only known at plan time)."""
+        k = default_layer(info.num_layers) if self.K is None else self.K
+        if k >= info.num_layers:
+            raise GripbenchError(f"parameter K={k} of {method_label(self)} must be below the model's {info.num_layers} LLM layers")
+        return k
+
+    def _raw_keep(self, info: ModelInfo) -> int:
+        """Tokens kept after layer K, before clamping to [1, N]."""
+        n, layers, k_layer = info.num_visual_tokens, info.num_layers, self.layer(info)
+        if self.R is not None:
+            return round_half_up(n * (1 - self.R))
+        return round_half_up((self.budget * n * layers - k_layer * n) / (layers - k_layer))
+
+    def plan(self, info: ModelInfo) -> list[PrunePoint]:
+        n = info.num_visual_tokens
+        keep = max(1, min(n, self._raw_keep(info)))
+        return [] if keep >= n else [PrunePoint(self.layer(info), keep)]
+
+    def reachable(self, info: ModelInfo) -> bool:
+        """False when the mapping had to clamp the kept count up to one token (rho below about K/L)."""
+        return self.R is not None or self._raw_keep(info) >= 1
+
+    def selection_flops(self, info, text_tokens, arch=None):
+        """Layer K-1's keys for every token (and their L1 norms), then one cosine row per pivot
+        over the image tokens (2 x MACs)."""
+        points = self.plan(info)
+        if not points:
+            return 0.0
+        n = info.num_visual_tokens
+        t = text_tokens + n
+        kv = arch.kv_heads * arch.head_dim
+        pivots = self.pivot_image + min(self.pivot_text, text_tokens)
+        return 2.0 * (t * arch.dim * kv + t * kv + pivots * n * arch.dim)
+
+    def select(self, ctx, point: PrunePoint) -> Selection:
+        b, t = ctx.key_mask.shape
+        last = torch.full((b, 1), t - 1, dtype=torch.long, device=ctx.key_mask.device)
+        _, keys, _ = ctx.adapter.query_key(point.layer - 1, ctx.prev_hidden, last, ctx.positions)  # [B, KV, T, hd]
+        norms = keys.float().abs().sum(dim=(1, 3))  # [B, T] L1 norm over all heads
+        norm = getattr(getattr(ctx.adapter, "lm", None), "norm", None)
+        hidden = ctx.hidden if norm is None else norm(ctx.hidden)
+        text = ctx.question_mask()
+        local = torch.stack([dart_keep(norms[i], hidden[i], ctx.visual_slots[i], text[i].nonzero()[:, 0], point.keep,
+                                       self.pivot_image, self.pivot_text) for i in range(b)])
+        return Selection(ctx.visual_ids.gather(1, local), scores=norms.gather(1, ctx.visual_slots))
