@@ -21,8 +21,9 @@ least one token) is as close as it can be to rho * N. Stages whose count equals 
 one drop nothing and are left out of the plan. A budget below the share of layers before
 the first stage layer (about 8/32 of N on a 32-layer model) is out of reach: `reachable` is
 False, every stage keeps one token and the recorded `tokens_layer_avg` shows the true count.
-Passing `lam` fixes lambda (the budget is then not used); passing `layers` ("8,16,24") fixes
-the stage layers.
+Near that floor the closest schedule is degenerate (rho = 0.25 on 32 layers: one token from
+layer 8 on, within a token of 144). Passing `lam` fixes lambda (the budget is then not
+used); passing `layers` ("2,6,12") fixes the stage layers, e.g. earlier ones for low budgets.
 
 Deviations from the official code:
 - positions: the official code renumbers positions 0..T'-1 after every drop (and ranks with
@@ -41,8 +42,7 @@ from __future__ import annotations
 import torch
 
 from gripbench.errors import GripbenchError
-from gripbench.methods import (ModelInfo, PrunePoint, PruningMethod, Selection, layer_counts, method_label,
-                               round_half_up, topk_sorted)
+from gripbench.methods import ModelInfo, PrunePoint, PruningMethod, Selection, layer_counts, method_label, round_half_up, topk_sorted
 
 STAGE_LAYERS_32 = (8, 16, 24)  # official LLaVA-1.5 stage boundaries (32 layers)
 OFFICIAL_LAMBDA = 0.5

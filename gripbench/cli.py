@@ -59,8 +59,22 @@ def _cmd_zoo(args) -> int:
 def _cmd_methods(args) -> int:
     from gripbench.methods import registry
 
-    for name, summary in registry().describe().items():
-        print(f"{name:<16} {summary}")
+    if args.model is None:
+        for name, summary in registry().describe().items():
+            print(f"{name:<16} {summary}")
+        return 0
+    from gripbench.engine import Engine
+    from gripbench.methods import lowest_budget, parse_method_args
+    from gripbench.zoo import load
+
+    info = Engine(*load(args.model, device="cpu")).info
+    params = parse_method_args(args.method_args) if args.method_args else {}
+    print(f"{args.model}: {info.num_visual_tokens} visual tokens, {info.num_layers} LLM layers")
+    print(f"{'method':<16} {'accounting':<10} {'lowest budget':>13}  plan at rho = 0.25 (layer: tokens kept)")
+    for name in registry().names():
+        method = registry().create(name, budget=0.25, **params.get(name, {}))
+        plan = ", ".join(f"{p.layer}: {p.keep}" for p in method.plan(info)) or "-"
+        print(f"{name:<16} {method.accounting:<10} {lowest_budget(method, info):>13.4f}  {plan}")
     return 0
 
 
@@ -184,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--lmms-path", action="store_true",
                        help="write (once) the tasks as lmms-eval YAML + parquet and print the folder for --include_path")
     tasks.set_defaults(fn=_cmd_tasks)
-    sub.add_parser("methods", help="list the registered pruning methods").set_defaults(fn=_cmd_methods)
+    me = sub.add_parser("methods", help="list the registered pruning methods; with --model, the budgets each can reach")
+    me.add_argument("--model", help="also print, per method, the smallest budget it can meet on this model and its plan")
+    me.add_argument("--method-args", help="typed method parameters, as for sweep")
+    me.set_defaults(fn=_cmd_methods)
 
     zoo = sub.add_parser("zoo", help="the embedded tiny LLaVA: print its folder or retrain it")
     zoo.add_argument("action", choices=["path", "build", "verify"],

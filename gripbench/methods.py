@@ -125,6 +125,24 @@ def layer_counts(points: list[PrunePoint], info: ModelInfo) -> list[int]:
     return counts
 
 
+def budget_counted(method: PruningMethod, points: list[PrunePoint], info: ModelInfo) -> float:
+    """The visual tokens a plan keeps in the method's accounting, as a fraction of N: the
+    tokens entering LLM layer 0 (`llm_input`, `grid`), their average over LLM layers
+    (`layer_avg`), or 1 (`none`)."""
+    counts = layer_counts(points, info)
+    kept = sum(counts) / len(counts) if method.accounting == "layer_avg" else counts[0]
+    return 1.0 if method.accounting == "none" else kept / info.num_visual_tokens
+
+
+def lowest_budget(method: PruningMethod, info: ModelInfo) -> float:
+    """The smallest budget `method` (with its parameters) can meet on a model: its plan at a
+    vanishing budget, counted in its accounting. Below it, `reachable` is False and a sweep
+    records what was reached (an in-LLM method keeps every token before its first pruning
+    layer, so on a shallow LLM this is far above 1/N)."""
+    tiny = dataclasses.replace(method, budget=1e-9)
+    return budget_counted(tiny, tiny.plan(info), info)
+
+
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores per row, in original order; exact ties go to the lower
     index (a stable descending sort), and unequal scores are never reordered, however small
