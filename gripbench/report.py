@@ -92,7 +92,7 @@ def summary_html(cells: pd.DataFrame) -> str:
     rows = [f"<tr><th class=l>method</th><th>budget</th>{head}<th>retention ({tasks[-1]})</th></tr>"]
     for _, block in table.groupby(level="budget", sort=False):
         others = block.drop(index="none", level="method", errors="ignore")
-        others = others[[(m, b) not in out_of_reach for m, b in others.index]]
+        others = others.loc[np.array([(m, b) not in out_of_reach for m, b in others.index], dtype=bool)]
         best = {t: others[("accuracy", t)].max() for t in tasks}
         for (method, b), r in block.iterrows():
             tds = []
