@@ -51,16 +51,18 @@ def prompt_text(question: str) -> str:
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
-def _words() -> list[str]:
+def _words(extra: tuple[str, ...] = ()) -> list[str]:
     pre = pre_tokenizers.Whitespace()
-    texts = ["user : assistant : . ? ,", " ".join(answer_vocabulary()), " ".join(COLORS), " ".join(SHAPES),
+    texts = [" ".join(extra), "user : assistant : . ? ,", " ".join(answer_vocabulary()), " ".join(COLORS), " ".join(SHAPES),
              " ".join(f"{s}s" for s in SHAPES), "sign objects object"]
     texts += [make_sample(t, "val", i).question for t in TASKS for i in range(200)]
     return sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t.lower())})
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + _words())}
+def build_tokenizer(extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer over the task suite's words (and `extra_words`, e.g. the
+    captions' words for a model pretrained on captions)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + _words(tuple(extra_words)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
