@@ -40,6 +40,19 @@ def test_methods_lists_every_registered_method():
     assert {"none", "random", "pool", "attention-score", "fastv", "sparsevlm", "visionzip", "divprune"} <= set(listed)
 
 
+def test_methods_on_a_model_print_reach_and_plan():
+    """`methods --model`: FastV's floor on the 8-layer embedded model is its two full layers
+    (K = 2) plus one token after them; pre-LLM methods reach 1/N; K is checked against depth."""
+    r = run("methods", "--model", "embedded")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:]}
+    assert rows["fastv"][1:4] == ["layer_avg", f"{(2 * 144 + 6) / (8 * 144):.4f}", "2:"]
+    assert rows["random"][1:5] == ["llm_input", f"{1 / 144:.4f}", "0:", "36"]
+    assert rows["none"][2] == "1.0000"
+    r = run("methods", "--model", "embedded", "--method-args", "fastv:K=9")
+    assert r.returncode == 2 and "must be below the model's 8 LLM layers" in r.stderr
+
+
 def test_unknown_method_says_did_you_mean():
     r = run("eval", "--method", "fastvv", "--limit", "1")
     assert r.returncode == 2
