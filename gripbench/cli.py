@@ -43,6 +43,17 @@ def _cmd_zoo(args) -> int:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
         return 0 if all(result["bars"].values()) else 1
+    if args.family is not None:
+        from gripbench.zoo import EMBEDDED
+        from gripbench.zoo.build import BuildConfig, build
+
+        if args.out is None:
+            raise GripbenchError("zoo build --family: give --out (the shipped checkpoints are replaced only by hand)")
+        overrides = {k: v for k, v in {"tune_steps": args.steps, "tune_batch": args.batch_size, "seed": args.seed,
+                                       "eval_every": args.eval_every}.items() if v is not None}
+        result = build(args.out, BuildConfig(family=args.family, **overrides))
+        print(f"checkpoint written to {args.out} (the packaged ones: {', '.join(str(p) for p in EMBEDDED.values())})")
+        return 0 if result["val"] else 1
     from gripbench.zoo.train import TrainConfig, train
 
     out = args.out or str(embedded_path(must_exist=False))
@@ -208,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="path: print the checkpoint folder; build: retrain it; verify: check the testbed's four bars")
     zoo.add_argument("--out", help="checkpoint folder to write (build) or check (verify); default: the package's")
     zoo.add_argument("--limit", type=int, default=300, help="verify: test questions per task")
+    zoo.add_argument("--family", choices=["llava", "qwen2-vl"],
+                     help="build with the real-VLM recipe of gripbench/zoo/build.py (contrastive tower, LM pretraining, "
+                          "LLaVA's two stages) for this family; without it, the recipe of the shipped checkpoint")
     zoo.add_argument("--json", help="verify: also write the figures to this JSON file")
     zoo.add_argument("--steps", type=int, help="build: training steps (default: TrainConfig's)")
     zoo.add_argument("--batch-size", type=int)

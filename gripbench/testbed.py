@@ -69,7 +69,12 @@ class EvidenceOracle(PruningMethod):
 
 def measure(engine, limit: int = 300, batch_size: int = 64, log=print) -> dict:
     """Run the four bars on the test split (`limit` questions per task); returns all figures."""
-    n, grid = engine.info.num_visual_tokens, engine.info.grid[0]
+    if engine.info.grid is not None:
+        n, grid = engine.info.num_visual_tokens, engine.info.grid[0]
+    else:  # dynamic resolution (embedded-qwen): a 96 px scene is 12 x 12 merged tokens of 8 px, the patch grid
+        from gripbench.tasks.scenes import SceneConfig
+
+        n, grid = SceneConfig().num_patches, SceneConfig().grid
     cap = int(0.25 * n)
     out: dict = {"tasks": {}}
     oracle = EvidenceOracle(budget=0.25)

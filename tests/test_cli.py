@@ -53,6 +53,22 @@ def test_methods_on_a_model_print_reach_and_plan():
     assert r.returncode == 2 and "must be below the model's 8 LLM layers" in r.stderr
 
 
+def test_embedded_qwen_is_a_model_name():
+    """`--model embedded-qwen` names the second embedded model: until its checkpoint is in the
+    install, one line saying how to build it; a typo gets a did-you-mean."""
+    from gripbench.zoo import EMBEDDED
+
+    r = run("eval", "--model", "embedded-qwen", "--limit", "1", "--tasks", "text")
+    if (EMBEDDED["embedded-qwen"] / "config.json").exists():
+        assert r.returncode == 0, r.stderr
+    else:
+        assert r.returncode == 2 and "zoo build --family qwen2-vl" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run("eval", "--model", "embeded-qwen", "--limit", "1")
+    assert r.returncode == 2 and "did you mean 'embedded-qwen'" in r.stderr
+    r = run("zoo", "build", "--family", "llava")
+    assert r.returncode == 2 and "give --out" in r.stderr
+
+
 def test_unknown_method_says_did_you_mean():
     r = run("eval", "--method", "fastvv", "--limit", "1")
     assert r.returncode == 2

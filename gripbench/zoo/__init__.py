@@ -7,6 +7,8 @@ from pathlib import Path
 from gripbench.errors import GripbenchError
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
+# the embedded models by name: the default LLaVA, and a Qwen2-VL of the same recipe (issue 6/7)
+EMBEDDED = {"embedded": EMBEDDED_DIR, "embedded-qwen": Path(__file__).parent / "embedded-qwen"}
 
 
 def embedded_path(must_exist: bool = True) -> Path:
@@ -23,6 +25,11 @@ def resolve(model: str) -> str:
 
     if model == "embedded":
         return str(embedded_path())
+    if model in EMBEDDED:
+        if not (EMBEDDED[model] / "config.json").exists():
+            raise GripbenchError(f"the {model} checkpoint is not in this install; build it with "
+                                 f"`gripbench zoo build --family qwen2-vl --out {EMBEDDED[model]}`")
+        return str(EMBEDDED[model])
     if os.path.isdir(model):
         if not (Path(model) / "config.json").exists():
             raise GripbenchError(f"model folder {model} holds no config.json: not a Hugging Face checkpoint")
@@ -30,8 +37,8 @@ def resolve(model: str) -> str:
     if os.path.exists(model):
         raise GripbenchError(f"model {model!r} is a file: give 'embedded', a checkpoint folder or a Hugging Face id")
     if "/" not in model:
-        close = difflib.get_close_matches(model, ["embedded"], n=1, cutoff=0.5)
-        hint = " (did you mean 'embedded'?)" if close else ": give 'embedded', a local checkpoint folder or a Hugging Face id"
+        close = difflib.get_close_matches(model, list(EMBEDDED), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ": give 'embedded', a local checkpoint folder or a Hugging Face id"
         raise GripbenchError(f"unknown model {model!r}{hint}")
     return model
 
