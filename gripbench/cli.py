@@ -38,7 +38,12 @@ def _cmd_zoo(args) -> int:
         from gripbench.testbed import measure
         from gripbench.zoo import load
 
-        result = measure(Engine(*load(args.out or "embedded", device="cpu")), limit=args.limit)
+        engine = Engine(*load(args.out or args.model or "embedded", device="cpu"))
+        result = measure(engine, limit=args.limit)
+        if args.diagnostics:
+            from gripbench.testbed import diagnostics
+
+            result["diagnostics"] = diagnostics(engine, limit=min(args.limit, 100))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
@@ -219,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="path: print the checkpoint folder; build: retrain it; verify: check the testbed's four bars")
     zoo.add_argument("--out", help="checkpoint folder to write (build) or check (verify); default: the package's")
     zoo.add_argument("--limit", type=int, default=300, help="verify: test questions per task")
+    zoo.add_argument("--model", help="verify: embedded (default), embedded-qwen, or a checkpoint folder (as --out)")
+    zoo.add_argument("--diagnostics", action="store_true",
+                     help="verify: also each training-free method's evidence recall at rho 0.25 and its macro accuracy at "
+                          "0.125, ranked against published LLaVA-1.5-7B results with Kendall's tau")
     zoo.add_argument("--family", choices=["llava", "qwen2-vl"],
                      help="build with the real-VLM recipe of gripbench/zoo/build.py (contrastive tower, LM pretraining, "
                           "LLaVA's two stages) for this family; without it, the recipe of the shipped checkpoint")

@@ -107,3 +107,43 @@ def measure(engine, limit: int = 300, batch_size: int = 64, log=print) -> dict:
     log("macro      " + "  ".join(f"{k} {v:.1%}" for k, v in macro.items()))
     log("bars       " + "  ".join(f"{k}: {'PASS' if ok else 'FAIL'}" for k, ok in bars.items()))
     return out
+
+
+# The training-free methods compared with published rankings (scorer methods need training).
+TRAINING_FREE = ("random", "pool", "attention-score", "fastv", "sparsevlm", "visionzip", "divprune", "pdrop", "dart",
+                 "vispruner", "cdpruner")
+
+
+def evidence_recall(results, samples) -> float:
+    """Mean share of each question's evidence patches among the kept tokens."""
+    shares = [len(set(r.kept_indices) & set(s.evidence)) / len(s.evidence) for r, s in zip(results, samples) if s.evidence]
+    return float(np.mean(shares)) if shares else float("nan")
+
+
+def diagnostics(engine, limit: int = 100, batch_size: int = 64, methods=TRAINING_FREE, log=print) -> dict:
+    """Per training-free method: the evidence recall of what its signal keeps at rho = 0.25,
+    and macro accuracy at rho = 0.125 (test split, `limit` questions per task); then Kendall's
+    tau between that ranking and each published LLaVA-1.5-7B ranking at 64 tokens
+    (`gripbench.published`). Reported as measured: nothing here tunes anything."""
+    from gripbench.published import LLAVA15_7B_64, kendall
+
+    splits = {t: load_split(t, "test", limit) for t in TASKS}
+    rows = {}
+    for name in methods:
+        recall, acc = [], []
+        for task, samples in splits.items():
+            recall.append(evidence_recall(run_samples(engine, samples, create_method(name, budget=0.25), batch_size), samples))
+            acc.append(accuracy(run_samples(engine, samples, create_method(name, budget=0.125), batch_size)))
+        reachable = all(create_method(name, budget=b).reachable(engine.info) for b in (0.25, 0.125)) \
+            if engine.info.num_visual_tokens else True
+        rows[name] = {"evidence_recall_0.25": float(np.mean(recall)), "macro_0.125": float(np.mean(acc)),
+                      "reachable": reachable}
+        log(f"{name:<16} evidence recall at 0.25 {rows[name]['evidence_recall_0.25']:.3f}   "
+            f"macro at 0.125 {rows[name]['macro_0.125']:.1%}{'' if reachable else '  (budget out of reach)'}")
+    ours = {m: r["macro_0.125"] for m, r in rows.items()}
+    taus = []
+    for table in LLAVA15_7B_64:
+        tau, p, n = kendall(ours, table)
+        taus.append({"source": table.source, "tau": tau, "p": p, "methods": n})
+        log(f"Kendall tau vs {table.source.split(',')[0]} ({n} methods): {tau:.2f} (p = {p:.2g})")
+    return {"methods": rows, "kendall": taus}

@@ -82,3 +82,25 @@ def test_the_tower_is_frozen_after_pretraining(tmp_path, monkeypatch):
     build(tmp_path, BuildConfig(family="llava", **TINY), log=lambda *_: None)
     final = b.LlavaRecipe(BuildConfig(**TINY)).tower(seen["model"]).state_dict()
     assert all(torch.equal(final[k], v) for k, v in seen["tower"].items())
+
+
+def test_kendall_against_a_published_table():
+    from gripbench.published import LLAVA15_7B_64, Table, kendall
+
+    table = Table("t", "m", {"a": 3.0, "b": 2.0, "c": 1.0, "d": 0.0})
+    assert kendall({"a": 30, "b": 20, "c": 10, "x": 5}, table)[::2] == (1.0, 3)
+    assert kendall({"a": 1, "b": 2, "c": 3}, table)[0] == -1.0
+    assert kendall({"a": 1, "b": 2}, table)[2] == 2  # fewer than three shared methods: NaN
+    from gripbench.methods import registry
+
+    assert all(set(t.scores) <= set(registry().names()) for t in LLAVA15_7B_64)  # names are gripbench's
+
+
+def test_evidence_recall_of_kept_tokens():
+    from types import SimpleNamespace
+
+    from gripbench.testbed import evidence_recall
+
+    results = [SimpleNamespace(kept_indices=[1, 2, 3]), SimpleNamespace(kept_indices=[9])]
+    samples = [SimpleNamespace(evidence=[2, 3, 4, 5]), SimpleNamespace(evidence=[])]
+    assert evidence_recall(results, samples) == 0.5  # 2 of 4; a question without evidence is left out
