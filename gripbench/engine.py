@@ -99,6 +99,14 @@ class Engine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _clock(self) -> float:
+        """`time.perf_counter()` once the device's queued work is done: CUDA kernels run
+        asynchronously, so an unsynchronised clock charges a region's kernels to whichever
+        region next waits for them (the scorer / prefill / decode split was unreliable)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     # ---- inputs ---------------------------------------------------------------------------
     def prepare(self, images: list, questions: list[str]) -> dict[str, torch.Tensor]:
         """Chat-templated, left-padded processor inputs for one image + question per row."""
@@ -297,10 +305,10 @@ class Engine:
         scorer_s = 0.0
         for layer_idx in range(len(self.adapter.layers)):
             if layer_idx in layers_with_points:
-                t0 = time.perf_counter()
+                t0 = self._clock()
                 keeps, replaces = self._select(st, rows, layer_idx, plans, method, prev_hidden, seeds)
                 st = self._apply(st, keeps, replaces)
-                scorer_s += time.perf_counter() - t0
+                scorer_s += self._clock() - t0
             for r, ids in enumerate(st.ids):
                 per_row[r].append(rows.fixed[r] + len(ids))
             key_masks.append(st.key_mask)
@@ -322,11 +330,11 @@ class Engine:
                  vision: list[VisionOutput] | None = None) -> Generation:
         """Greedy decoding with a KV cache of kept tokens only."""
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
+        t0 = self._clock()
         cache, key_masks, st, per_layer = self.prefill(batch, method, vision, timings)
         logits = self.adapter.logits(st.hidden[:, -1:])[:, -1]
-        timings["prefill"] = time.perf_counter() - t0 - timings.get("scorer", 0.0)
-        t1 = time.perf_counter()
+        t1 = self._clock()
+        timings["prefill"] = t1 - t0 - timings.get("scorer", 0.0)
         b = logits.shape[0]
         unfinished = torch.ones(b, dtype=torch.bool, device=logits.device)
         positions = st.positions
@@ -340,7 +348,7 @@ class Engine:
                 break
             positions = self.adapter.next_positions(positions)
             logits = self._decode_step(nxt, positions, cache, key_masks)
-        timings["decode"] = time.perf_counter() - t1
+        timings["decode"] = self._clock() - t1
         timings["decode_steps"] = len(out) - 1
         tokens = torch.stack(out, dim=1)
         texts = self.processor.batch_decode(tokens, skip_special_tokens=True)

@@ -194,3 +194,24 @@ def test_repeated_or_absent_kept_index_is_refused(pair, samples):
         engine.generate(batch, BadKeep(budget=0.5), max_new_tokens=1)
     with pytest.raises(ValueError, match=r"method 'bad-keep' keeps visual token 1 \(row 0\), which is not present"):
         engine.generate(batch, BadKeep(budget=0.5, kind="gone"), max_new_tokens=1)
+
+
+def test_timers_synchronise_the_gpu(pair, samples, monkeypatch):
+    """Every timed region of a generation reads the engine's clock, which synchronises CUDA
+    first when the model is on a GPU (exercised on CPU with the device and the sync faked):
+    generate's start, the selection's start and end, prefill's end, decode's end."""
+    from gripbench import testing
+
+    engine = pair[2]
+    reads = []
+    real = Engine._clock
+    monkeypatch.setattr(Engine, "_clock", lambda self: reads.append(1) or real(self))
+    out = engine.generate(testing.contract_batch(engine, samples, n=2), testing.method_factory("fastv")(budget=0.5),
+                          max_new_tokens=2)
+    assert len(reads) == 5 and set(out.timings) >= {"scorer", "prefill", "decode"}
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(str(device)))
+    monkeypatch.setattr(Engine, "device", property(lambda self: torch.device("cuda", 0)))
+    real(engine)
+    assert synced == ["cuda:0"]
