@@ -47,13 +47,9 @@ from __future__ import annotations
 
 import torch
 
+from baselines.fastv import KeepAfterLayer
 from gripbench.errors import GripbenchError
-from gripbench.methods import ModelInfo, PrunePoint, PruningMethod, Selection, method_label, round_half_up, topk_sorted
-
-
-def default_layer(num_layers: int) -> int:
-    """The official K = 2 (below the model's depth)."""
-    return max(1, min(2, num_layers - 1))
+from gripbench.methods import PrunePoint, Selection, method_label, topk_sorted
 
 
 def pivot_quotas(rest: int, pivots: int) -> list[int]:
@@ -85,50 +81,21 @@ def dart_keep(key_norms: torch.Tensor, hidden: torch.Tensor, visual: torch.Tenso
     return chosen.nonzero()[:, 0]
 
 
-class DART(PruningMethod):
+class DART(KeepAfterLayer):
     """keep the image tokens least similar to a few key-norm pivots after layer K (layer-avg = rho)"""
 
     name = "dart"
-    accounting = "layer_avg"
 
-    K: int | None = None  # prune before this LLM layer; None = the official 2
-    R: float | None = None  # fraction of image tokens dropped; None = derived from the budget
     pivot_image: int = 4  # image pivots (largest key L1 norm); official 4
     pivot_text: int = 4  # text pivots from the question after the image; official 4
 
     def validate(self) -> None:
+        super().validate()
         label = method_label(self)
-        if self.K is not None and self.K < 1:
-            raise GripbenchError(f"parameter K of {label} must be at least 1 (layer 0 is before the LLM), not {self.K}")
-        if self.R is not None and not 0.0 <= self.R < 1.0:
-            raise GripbenchError(f"parameter R of {label} must be in [0, 1), not {self.R:g}")
         if self.pivot_image < 1:
             raise GripbenchError(f"parameter pivot_image of {label} must be at least 1, not {self.pivot_image}")
         if self.pivot_text < 0:
             raise GripbenchError(f"parameter pivot_text of {label} must be at least 0, not {self.pivot_text}")
-
-    def layer(self, info: ModelInfo) -> int:
-        """K, checked against the model's depth (only known at plan time)."""
-        k = default_layer(info.num_layers) if self.K is None else self.K
-        if k >= info.num_layers:
-            raise GripbenchError(f"parameter K={k} of {method_label(self)} must be below the model's {info.num_layers} LLM layers")
-        return k
-
-    def _raw_keep(self, info: ModelInfo) -> int:
-        """Tokens kept after layer K, before clamping to [1, N]."""
-        n, layers, k_layer = info.num_visual_tokens, info.num_layers, self.layer(info)
-        if self.R is not None:
-            return round_half_up(n * (1 - self.R))
-        return round_half_up((self.budget * n * layers - k_layer * n) / (layers - k_layer))
-
-    def plan(self, info: ModelInfo) -> list[PrunePoint]:
-        n = info.num_visual_tokens
-        keep = max(1, min(n, self._raw_keep(info)))
-        return [] if keep >= n else [PrunePoint(self.layer(info), keep)]
-
-    def reachable(self, info: ModelInfo) -> bool:
-        """False when the mapping had to clamp the kept count up to one token (rho below about K/L)."""
-        return self.R is not None or self._raw_keep(info) >= 1
 
     def selection_flops(self, info, text_tokens, arch=None):
         """Layer K-1's keys for every token (and their L1 norms), then one cosine row per pivot

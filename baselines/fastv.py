@@ -38,15 +38,15 @@ def default_layer(num_layers: int) -> int:
     return max(1, min(2, num_layers - 1))
 
 
-class FastV(PruningMethod):
-    """drop low-attention image tokens after layer K, R set so the layer-average matches rho"""
+class KeepAfterLayer(PruningMethod):
+    """The budget mapping of methods that prune once, before LLM layer K (FastV, DART): the
+    k tokens kept from layer K on are set so that the layer average is rho * N, or fixed by
+    the drop ratio R. Not registered itself."""
 
-    name = "fastv"
     accounting = "layer_avg"
 
     K: int | None = None  # prune before this LLM layer; None = the official 2
     R: float | None = None  # fraction of image tokens dropped; None = derived from the budget
-    variant: Literal["last", "all"] = "last"  # rank by the last token's attention row, or by all rows
 
     def validate(self) -> None:
         if self.K is not None and self.K < 1:
@@ -76,6 +76,14 @@ class FastV(PruningMethod):
     def reachable(self, info: ModelInfo) -> bool:
         """False when the mapping had to clamp the kept count up to one token (rho below about K/L)."""
         return self.R is not None or self._raw_keep(info) >= 1
+
+
+class FastV(KeepAfterLayer):
+    """drop low-attention image tokens after layer K, R set so the layer-average matches rho"""
+
+    name = "fastv"
+
+    variant: Literal["last", "all"] = "last"  # rank by the last token's attention row, or by all rows
 
     def selection_flops(self, info, text_tokens, arch=None):
         """The attention rows at layer K-1 from its q/k: k for every token, q for the query rows,

@@ -299,18 +299,9 @@ class QwenRecipe(LlavaRecipe):
 
     def labels(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The tokens after each '<|im_start|> assistant' up to and including '<|im_end|>'."""
-        start, assistant = self.tok.convert_tokens_to_ids(["<|im_start|>", "assistant"])
-        end = self.tok.eos_token_id
-        labels = torch.full_like(input_ids, -100)
-        for row, ids in enumerate(input_ids.tolist()):
-            inside = False
-            for j in range(1, len(ids)):
-                if inside:
-                    labels[row, j] = ids[j]
-                    inside = ids[j] != end
-                elif ids[j] == assistant and ids[j - 1] == start:
-                    inside = True
-        return labels
+        from gripbench.zoo.train import answer_labels
+
+        return answer_labels(input_ids, self.tok, opener=("<|im_start|>", "assistant"))
 
 
 class MeanPooledCLIP(torch.nn.Module):

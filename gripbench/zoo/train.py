@@ -134,9 +134,11 @@ def encode(processor, samples: list[Sample], with_answers: bool,
     return batch
 
 
-def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    """Labels = the tokens after each 'assistant :' up to and including `</s>`; -100 elsewhere."""
-    assistant, colon = tokenizer.convert_tokens_to_ids(["assistant", ":"])
+def answer_labels(input_ids: torch.Tensor, tokenizer, opener: tuple[str, str] = ("assistant", ":")) -> torch.Tensor:
+    """Labels = the tokens after each `opener` pair ('assistant :' in LLaVA's format,
+    '<|im_start|> assistant' in Qwen's) up to and including the end-of-turn token
+    (`tokenizer.eos_token`); -100 elsewhere."""
+    first, second = tokenizer.convert_tokens_to_ids(list(opener))
     eos = tokenizer.eos_token_id
     labels = torch.full_like(input_ids, -100)
     for row, ids in enumerate(input_ids.tolist()):
@@ -145,7 +147,7 @@ def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
             if inside:
                 labels[row, j] = ids[j]
                 inside = ids[j] != eos
-            elif ids[j] == colon and ids[j - 1] == assistant:
+            elif ids[j] == second and ids[j - 1] == first:
                 inside = True
     return labels
 
