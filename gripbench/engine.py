@@ -242,6 +242,26 @@ class Engine:
         return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)[:, None]
 
+    def _layer_mask(self, key_mask: torch.Tensor, q_len: int, dtype, bias: torch.Tensor | None = None):
+        """The mask a layer gets: None when nothing needs one (no padding, no bias, an attention
+        kernel that applies causality itself, no sliding window shorter than the keys), so SDPA
+        takes its causal fast path and FlashAttention can run; otherwise the additive mask.
+        Kept tokens stay contiguous in the sequence (pruned ones are removed, not masked), so
+        causal order over slots is the model's order; their position gaps live in RoPE."""
+        if (bias is None and self.causal_kernel and not self.adapter.needs_mask(key_mask.shape[1])
+                and bool(key_mask.all())):
+            return None
+        mask = self._mask(key_mask, q_len, dtype)
+        return mask if bias is None else mask + bias
+
+    @property
+    def causal_kernel(self) -> bool:
+        """Whether the LLM's attention implementation is causal without a mask (SDPA infers
+        `is_causal` from a missing mask; FlashAttention and flex attention are causal by
+        configuration); eager attention needs the explicit mask."""
+        impl = getattr(self.adapter.config.get_text_config(), "_attn_implementation", None) or "eager"
+        return impl != "eager"
+
     def row_seeds(self, batch: dict, seed: int) -> list[int]:
         """Per-row seeds from the row's own content, so a method's random choices for a sample
         do not depend on which other samples share its batch or on padding."""
@@ -313,9 +333,7 @@ class Engine:
                 per_row[r].append(rows.fixed[r] + len(ids))
             key_masks.append(st.key_mask)
             cos_sin = self.adapter.rotary(st.hidden, st.positions)
-            mask = self._mask(st.key_mask, st.hidden.shape[1], st.hidden.dtype)
-            if bias is not None:
-                mask = mask + bias
+            mask = self._layer_mask(st.key_mask, st.hidden.shape[1], st.hidden.dtype, bias)
             prev_hidden = st.hidden
             st.hidden = self.adapter.run_layer(layer_idx, st.hidden, mask, st.positions, cos_sin, cache)
             st.hidden = self.adapter.after_layer(layer_idx, st.hidden, st.slots,
@@ -366,7 +384,7 @@ class Engine:
         ones = torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)
         for i in range(len(self.adapter.layers)):
             key_masks[i] = torch.cat([key_masks[i], ones], dim=1)
-            mask = self._mask(key_masks[i], 1, h.dtype)
+            mask = self._layer_mask(key_masks[i], 1, h.dtype)
             h = self.adapter.run_layer(i, h, mask, positions, cos_sin, cache)
         return self.adapter.logits(h)[:, -1]
 

@@ -215,3 +215,36 @@ def test_timers_synchronise_the_gpu(pair, samples, monkeypatch):
     monkeypatch.setattr(Engine, "device", property(lambda self: torch.device("cuda", 0)))
     real(engine)
     assert synced == ["cuda:0"]
+
+
+@pytest.mark.parametrize("name", ["none", "random", "fastv"])
+def test_causal_fast_path_without_padding(pair, samples, name, monkeypatch):
+    """A batch with no padding runs every layer with mask=None (SDPA's causal path), and gives
+    the explicit-mask logits within the exactness tolerance; a padded batch keeps the mask."""
+    from gripbench import testing
+
+    engine = pair[2]
+    method = testing.method_factory(name)(budget=0.5)
+    seen = []
+    run = engine.adapter.run_layer
+
+    def spy(index, h, mask, *args):
+        seen.append(mask is None)
+        return run(index, h, mask, *args)
+
+    monkeypatch.setattr(engine.adapter, "run_layer", spy)
+    one = _batch(engine, samples, 1)  # a single row: no padding
+    fast = engine.logits(one, method)[0]
+    assert seen and all(seen)
+    monkeypatch.setattr(Engine, "causal_kernel", property(lambda self: False))
+    seen.clear()
+    slow = engine.logits(one, method)[0]
+    assert not any(seen)
+    assert (fast - slow).abs().max() < 1e-4
+    monkeypatch.undo()
+    monkeypatch.setattr(engine.adapter, "run_layer", spy)
+    seen.clear()
+    padded = _batch(engine, samples, 4)
+    assert not padded["attention_mask"].all()  # questions of different lengths
+    engine.logits(padded, method)
+    assert not any(seen)

@@ -270,6 +270,12 @@ class Adapter:
     def rotary(self, h: torch.Tensor, positions: torch.Tensor):
         return self.lm.rotary_emb(h, position_ids=positions)
 
+    def needs_mask(self, keys: int) -> bool:
+        """True when some layer must see an explicit mask over `keys` keys even without
+        padding (a sliding window shorter than the sequence); the engine then never passes
+        None (see `Engine._layer_mask`)."""
+        return False
+
     def run_layer(self, index: int, h, mask, positions, cos_sin, cache):
         return self.layers[index](h, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                                   position_embeddings=cos_sin)

@@ -202,13 +202,16 @@ class LlavaAdapter(Adapter):
             return window if types[index] == "sliding_attention" else None
         return window
 
+    def needs_mask(self, keys: int) -> bool:
+        return any((w := self._window(i)) is not None and keys > w for i in range(len(self.layers)))
+
     def run_layer(self, index: int, h, mask, positions, cos_sin, cache):
         """The stock layer, with the sliding window the stock model's mask applies where the
         layer has one (query slot i sees key slot j only if i - j < window; slots count left
         padding, as the stock cache positions do). The eager/SDPA kernels ignore the layer's
         own `sliding_window`: the mask is what enforces it."""
         window = self._window(index)
-        if window is not None and mask.shape[-1] > window:
+        if window is not None and mask is not None and mask.shape[-1] > window:
             k, q = mask.shape[-1], mask.shape[-2]
             qi = torch.arange(k - q, k, device=mask.device)
             far = (qi[:, None] - torch.arange(k, device=mask.device)[None, :]) >= window
