@@ -242,17 +242,14 @@ class Engine:
         return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)[:, None]
 
-    def _layer_mask(self, key_mask: torch.Tensor, q_len: int, dtype, bias: torch.Tensor | None = None):
-        """The mask a layer gets: None when nothing needs one (no padding, no bias, an attention
-        kernel that applies causality itself, no sliding window shorter than the keys), so SDPA
-        takes its causal fast path and FlashAttention can run; otherwise the additive mask.
+    def _mask_free(self, keys: int) -> bool:
+        """Whether a layer over `keys` keys may run with mask=None when its rows have no
+        padding and no bias: SDPA then takes its causal fast path and FlashAttention can run.
         Kept tokens stay contiguous in the sequence (pruned ones are removed, not masked), so
-        causal order over slots is the model's order; their position gaps live in RoPE."""
-        if (bias is None and self.causal_kernel and not self.adapter.needs_mask(key_mask.shape[1])
-                and bool(key_mask.all())):
-            return None
-        mask = self._mask(key_mask, q_len, dtype)
-        return mask if bias is None else mask + bias
+        causal order over slots is the model's order; their position gaps live in RoPE. The
+        padding check (`key_mask.all()`, a GPU sync) is the caller's, made once per prefill
+        and after each pruning step, and once per generation for the decode layers."""
+        return self.causal_kernel and not self.adapter.needs_mask(keys)
 
     @property
     def causal_kernel(self) -> bool:
@@ -323,17 +320,23 @@ class Engine:
         key_masks, per_row = [], [[] for _ in rows.vision]
         prev_hidden = None
         scorer_s = 0.0
+        unpadded = bias is None and bool(st.key_mask.all())
         for layer_idx in range(len(self.adapter.layers)):
             if layer_idx in layers_with_points:
                 t0 = self._clock()
                 keeps, replaces = self._select(st, rows, layer_idx, plans, method, prev_hidden, seeds)
                 st = self._apply(st, keeps, replaces)
                 scorer_s += self._clock() - t0
+                unpadded = bias is None and bool(st.key_mask.all())  # ragged rows may now be padded
             for r, ids in enumerate(st.ids):
                 per_row[r].append(rows.fixed[r] + len(ids))
             key_masks.append(st.key_mask)
             cos_sin = self.adapter.rotary(st.hidden, st.positions)
-            mask = self._layer_mask(st.key_mask, st.hidden.shape[1], st.hidden.dtype, bias)
+            if unpadded and self._mask_free(st.key_mask.shape[1]):
+                mask = None
+            else:
+                mask = self._mask(st.key_mask, st.hidden.shape[1], st.hidden.dtype)
+                mask = mask if bias is None else mask + bias
             prev_hidden = st.hidden
             st.hidden = self.adapter.run_layer(layer_idx, st.hidden, mask, st.positions, cos_sin, cache)
             st.hidden = self.adapter.after_layer(layer_idx, st.hidden, st.slots,
@@ -356,6 +359,7 @@ class Engine:
         b = logits.shape[0]
         unfinished = torch.ones(b, dtype=torch.bool, device=logits.device)
         positions = st.positions
+        unpadded = [bool(m.all()) for m in key_masks]  # one padding check per layer per generation
         out = []
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1)
@@ -365,7 +369,7 @@ class Engine:
             if step == max_new_tokens - 1 or not unfinished.any():
                 break
             positions = self.adapter.next_positions(positions)
-            logits = self._decode_step(nxt, positions, cache, key_masks)
+            logits = self._decode_step(nxt, positions, cache, key_masks, unpadded)
         timings["decode"] = self._clock() - t1
         timings["decode_steps"] = len(out) - 1
         tokens = torch.stack(out, dim=1)
@@ -377,14 +381,17 @@ class Engine:
         return Generation(tokens, texts, [i.tolist() for i in st.ids], [c[0] for c in per_layer], avg, list(avg),
                           per_layer, timings)
 
-    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, key_masks: list) -> torch.Tensor:
-        """Feed one token per row through every layer's cache; returns next-token logits [B, V]."""
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache, key_masks: list,
+                     unpadded: list[bool]) -> torch.Tensor:
+        """Feed one token per row through every layer's cache; returns next-token logits [B, V].
+        `unpadded[i]`: layer i's keys hold no padding (fixed after prefill: decoding appends
+        real tokens only)."""
         h = self.adapter.embed(tokens[:, None])
         cos_sin = self.adapter.rotary(h, positions)
         ones = torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)
         for i in range(len(self.adapter.layers)):
             key_masks[i] = torch.cat([key_masks[i], ones], dim=1)
-            mask = self._layer_mask(key_masks[i], 1, h.dtype)
+            mask = None if unpadded[i] and self._mask_free(key_masks[i].shape[1]) else self._mask(key_masks[i], 1, h.dtype)
             h = self.adapter.run_layer(i, h, mask, positions, cos_sin, cache)
         return self.adapter.logits(h)[:, -1]
 
@@ -397,6 +404,7 @@ class Engine:
         logits = self.adapter.logits(st.hidden[:, -1:])[:, -1]
         first = logits
         positions = st.positions
+        unpadded = [bool(m.all()) for m in key_masks]  # one padding check per layer per generation
         total = torch.zeros(targets.shape[0], device=logits.device)
         correct = torch.ones(targets.shape[0], dtype=torch.bool, device=logits.device)
         for j in range(targets.shape[1]):
@@ -410,7 +418,7 @@ class Engine:
             correct &= ~valid | (logits.argmax(-1) == safe)
             if j + 1 < targets.shape[1] and (targets[:, j + 1] >= 0).any():
                 positions = self.adapter.next_positions(positions)
-                logits = self._decode_step(safe, positions, cache, key_masks)
+                logits = self._decode_step(safe, positions, cache, key_masks, unpadded)
         return total, correct, first
 
     @torch.no_grad()

@@ -125,13 +125,13 @@ def layer_counts(points: list[PrunePoint], info: ModelInfo) -> list[int]:
     return counts
 
 
-def budget_counted(method: PruningMethod, points: list[PrunePoint], info: ModelInfo) -> float:
-    """The visual tokens a plan keeps in the method's accounting, as a fraction of N: the
-    tokens entering LLM layer 0 (`llm_input`, `grid`), their average over LLM layers
-    (`layer_avg`), or 1 (`none`)."""
-    counts = layer_counts(points, info)
-    kept = sum(counts) / len(counts) if method.accounting == "layer_avg" else counts[0]
-    return 1.0 if method.accounting == "none" else kept / info.num_visual_tokens
+def counted_budget(accounting: str, counts: list[float], n: int) -> float:
+    """The visual tokens an accounting counts, as a fraction of N, from the per-LLM-layer
+    counts of prunable tokens: those entering layer 0 (`llm_input`, `grid`), their average
+    over layers (`layer_avg`), or 1 (`none`, which keeps everything)."""
+    if accounting == "none":
+        return 1.0
+    return (sum(counts) / len(counts) if accounting == "layer_avg" else counts[0]) / n
 
 
 def lowest_budget(method: PruningMethod, info: ModelInfo) -> float:
@@ -140,7 +140,7 @@ def lowest_budget(method: PruningMethod, info: ModelInfo) -> float:
     records what was reached (an in-LLM method keeps every token before its first pruning
     layer, so on a shallow LLM this is far above 1/N)."""
     tiny = dataclasses.replace(method, budget=1e-9)
-    return budget_counted(tiny, tiny.plan(info), info)
+    return counted_budget(method.accounting, layer_counts(tiny.plan(info), info), info.num_visual_tokens)
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

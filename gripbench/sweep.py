@@ -39,7 +39,7 @@ from gripbench.analysis import bootstrap_ci
 from gripbench.errors import GripbenchError, check_budget, unknown
 from gripbench.flops import cell_flops
 from gripbench.lmms import metrics
-from gripbench.methods import create_method, parse_method_args, registry
+from gripbench.methods import counted_budget, create_method, parse_method_args, registry
 from gripbench.versions import environment_versions
 
 DEFAULT_BUDGETS = (1.0, 0.5, 0.25, 0.125, 0.0625)
@@ -498,8 +498,7 @@ def budget_met(method, records: list[dict]) -> dict:
     for rec in records:
         info, per_layer = rec["info"], rec["visual_per_layer"]
         fixed, n = rec["visual_tokens"] - info.num_visual_tokens, info.num_visual_tokens
-        counted = (sum(per_layer) / len(per_layer) if method.accounting == "layer_avg" else per_layer[0]) - fixed
-        reached.append(counted / n if n else float("nan"))
+        reached.append(counted_budget(method.accounting, [c - fixed for c in per_layer], n) if n else float("nan"))
         reachable &= bool(method.reachable(info))
     return {"budget_reached": float(np.mean(reached)), "budget_reachable": reachable}
 

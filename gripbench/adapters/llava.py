@@ -17,6 +17,9 @@ in order, as the stock `masked_scatter` fills them); `prepare` gives one image p
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from gripbench.adapters.base import Adapter, VisionOutput, VisualLayout
@@ -202,8 +205,13 @@ class LlavaAdapter(Adapter):
             return window if types[index] == "sliding_attention" else None
         return window
 
+    @functools.cached_property
+    def _smallest_window(self) -> float:
+        """The shortest sliding window of any layer (inf without one): fixed by the config."""
+        return min((w for i in range(len(self.layers)) if (w := self._window(i)) is not None), default=math.inf)
+
     def needs_mask(self, keys: int) -> bool:
-        return any((w := self._window(i)) is not None and keys > w for i in range(len(self.layers)))
+        return keys > self._smallest_window
 
     def run_layer(self, index: int, h, mask, positions, cos_sin, cache):
         """The stock layer, with the sliding window the stock model's mask applies where the
