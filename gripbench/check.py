@@ -21,7 +21,8 @@ seeds compares each seed with itself):
   (torch's threads wait on each other, small pruned ops suffer most), so when either side
   had less than `min_cpu_share` of its cores (`latency_cpu_share`: process CPU seconds /
   (wall seconds x torch threads) over the cell's timed runs) the finding is `unreliable`
-  and does not fail. With `latency_gate = "warn"` a latency regression is reported as
+  and does not fail; so is a cell timed while other cells could run on its node (Ray,
+  `latency_concurrent`). With `latency_gate = "warn"` a latency regression is reported as
   `slower` and does not fail either.
 
 Cells on one side only are listed (and fail with `fail_on_missing`). Tolerances come from
@@ -49,6 +50,7 @@ from gripbench.store import ResultsStore
 LATENCY = "latency_e2e_ms"
 PAIRED = "latency_none_e2e_ms"  # none timed interleaved with the cell's own runs
 RUNS = "latency_ratio_runs"  # each timed repeat's e2e / the paired none e2e
+CONCURRENT = "latency_concurrent"  # timed while other cells could run on the node: not gated
 CPU_SHARE = "latency_cpu_share"  # ~1.0: the process had its cores; NaN: unknown (CUDA)
 GATES = ("fail", "warn")
 FAILING = {"regressed", "changed"}  # `changed`: FLOPs went down, which must be looked at too
@@ -177,7 +179,8 @@ def _prepare(cells: pd.DataFrame, key: list[str]) -> pd.DataFrame:
     return pd.DataFrame({**{k: cells[k] for k in key}, "config_hash": cells["config_hash"], "accuracy": cells["accuracy"],
                          "flops_total": cells.get("flops_total", np.nan), "latency_ratio": latency_ratios(cells),
                          "runs": cells.get(RUNS),
-                         "cpu_share": cells.get(CPU_SHARE, np.nan)}, index=cells.index)
+                         "cpu_share": cells.get(CPU_SHARE, np.nan),
+                         "concurrent": pd.to_numeric(cells.get(CONCURRENT, False), errors="coerce")}, index=cells.index)
 
 
 def _latency(r, tol: Tolerances) -> tuple[str, str] | None:
@@ -200,6 +203,8 @@ def _latency(r, tol: Tolerances) -> tuple[str, str] | None:
         if not p < tol.alpha:
             return None
         detail += f"; Mann-Whitney p={p:.2g} on {len(x)} vs {len(y)} runs"
+    if r["concurrent_new"] == 1 or r["concurrent_ref"] == 1:
+        return "unreliable", "timed while other cells shared its node (Ray, latency_concurrent); latency not gated"
     share, share_ref = float(r["cpu_share_new"]), float(r["cpu_share_ref"])
     if share < tol.min_cpu_share or share_ref < tol.min_cpu_share:  # NaN (unknown, CUDA) compares False: uncontended
         return "unreliable", f"machine busy: cpu share {_share(share)} (reference {_share(share_ref)}); latency not gated"

@@ -100,7 +100,7 @@ def _cmd_sweep(args) -> int:
     res = run_sweep(model=args.model, methods=args.methods, tasks=args.tasks, budgets=args.budgets, limit=args.limit,
                     out=args.out, seed=args.seed, executor=args.executor, batch_size=args.batch_size, verbose=args.verbose,
                     keep_stale=args.keep_stale, method_args=args.method_args, include_path=args.include_path,
-                    allow_judge=args.allow_judge)
+                    allow_judge=args.allow_judge, cpus_per_cell=args.cpus_per_cell)
     rate = res.ran / (res.seconds / 60) if res.seconds > 0 else 0.0
     stale = f" ({res.stale} stale recomputed)" if res.stale and not res.kept_stale else (
         f" ({res.kept_stale} of them stale, kept with --keep-stale)" if res.kept_stale else "")
@@ -247,7 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--limit", type=int, default=300,
                     help="questions per task (default 300: 95%% CI half-width about 4 points at 85%% accuracy)")
     sw.add_argument("--out", help="results folder (default: a new folder under results/); rerun to resume")
-    sw.add_argument("--executor", default="local", choices=["local", "ray"])
+    sw.add_argument("--executor", default="local", choices=["local", "ray"],
+                    help="local: cells one after another in this process; ray: one Ray task per cell on RAY_ADDRESS's "
+                         "cluster (or a local one); cells come back to this process, which alone writes --out")
+    sw.add_argument("--cpus-per-cell", type=int, default=1,
+                    help="ray: CPUs each cell's task reserves, and its torch threads (default 1)")
     sw.add_argument("--batch-size", type=int, default=32)
     sw.add_argument("--seed", type=int, default=0)
     sw.add_argument("--method-args", help="typed method parameters, e.g. 'fastv:K=2,R=0.5;grip:scorer=PATH' "

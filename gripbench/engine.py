@@ -26,6 +26,7 @@ layer average, KV cache) and the kept indices.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -87,6 +88,9 @@ class Engine:
         self.processor = processor
         self.adapter = adapter_for(model)
         self.info = self.adapter.info()
+        # layer calls that ran without a mask (the kernel's causal path) or with an explicit
+        # one, since construction: the sweep records which path its timed runs took
+        self.attention_calls = collections.Counter()
         tok = getattr(processor, "tokenizer", processor)
         self.eos_id = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
         self.pad_id = model.generation_config.pad_token_id if model.generation_config.pad_token_id is not None else tok.pad_token_id
@@ -337,6 +341,7 @@ class Engine:
             else:
                 mask = self._mask(st.key_mask, st.hidden.shape[1], st.hidden.dtype)
                 mask = mask if bias is None else mask + bias
+            self.attention_calls["masked" if mask is not None else "causal"] += 1
             prev_hidden = st.hidden
             st.hidden = self.adapter.run_layer(layer_idx, st.hidden, mask, st.positions, cos_sin, cache)
             st.hidden = self.adapter.after_layer(layer_idx, st.hidden, st.slots,
@@ -392,6 +397,7 @@ class Engine:
         for i in range(len(self.adapter.layers)):
             key_masks[i] = torch.cat([key_masks[i], ones], dim=1)
             mask = None if unpadded[i] and self._mask_free(key_masks[i].shape[1]) else self._mask(key_masks[i], 1, h.dtype)
+            self.attention_calls["masked" if mask is not None else "causal"] += 1
             h = self.adapter.run_layer(i, h, mask, positions, cos_sin, cache)
         return self.adapter.logits(h)[:, -1]
 

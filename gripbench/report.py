@@ -67,6 +67,24 @@ def unreachable(cells: pd.DataFrame) -> pd.Series:
     return flag.notna() & (flag < 1)
 
 
+def timing_note(cells: pd.DataFrame) -> str:
+    """How the latency figures were measured: a warning when some cells were timed while
+    other cells could run on the same node (Ray), and the attention paths of the timed runs."""
+    out = []
+    if "latency_concurrent" in cells:
+        shared = pd.to_numeric(cells["latency_concurrent"], errors="coerce").fillna(0).astype(bool)
+        if shared.any():
+            out.append(f"<p class=note>Latency of {int(shared.sum())} of {len(cells)} cells was timed while other cells "
+                       "could run on the same node (Ray executor, `latency_concurrent`): those latencies are measured on "
+                       "shared cores and are not comparable with exclusively timed ones; accuracy and FLOPs are unaffected."
+                       "</p>")
+    if "attention_kernel" in cells and cells["attention_kernel"].notna().any():
+        kinds = cells["attention_kernel"].dropna().value_counts()
+        out.append("<p class=note>Attention path of the timed runs: "
+                   + ", ".join(f"{html.escape(str(k))} ({n} cells)" for k, n in kinds.items()) + ".</p>")
+    return "".join(out)
+
+
 def unreachable_note(cells: pd.DataFrame) -> str:
     """One line per method and budget the method could not meet, with what it met."""
     bad = cells[unreachable(cells)]
@@ -340,6 +358,7 @@ def build_report(results: str | Path, budget: float = 0.25) -> str:
         body.append(f"<p class=note>{len(seeds)} seeds ({', '.join(str(s) for s in seeds)}): every table and plot "
                     "shows each (model, task, method, params, budget) cell as the mean over its seeds (accuracy, "
                     "CI bounds, costs); the significance tests pair cells within a seed.</p>")
+    body.append(timing_note(runs))
     plotly_js = [True]  # plotly.js is inlined once, in the first figure
 
     def figure(fig: go.Figure) -> str:

@@ -13,7 +13,9 @@ columns (`gripbench.provenance`), per-run latency ratios, CPU share, per-cell pe
 `accuracy_unit`; per-sample `score` in [0, 1] with its resampling `unit` and `stratum`, in
 place of the boolean `correct`), latency timed per task; 4, `budget_reached` and
 `budget_reachable` (a budget an in-LLM method cannot meet on a shallow model is recorded as
-such, with what it met). Older folders are read through `upgrade` (their samples' `correct`
+such, with what it met); 5, how latency was measured: `torch_threads`, `latency_concurrent`
+(timed while other cells could run on the same node: Ray) and `attention_kernel` (the
+attention path the timed layers took). Older folders are read through `upgrade` (their samples' `correct`
 becomes `score`; their cells were scored by exact match; a cell before 4 says nothing about
 reach: both columns null).
 """
@@ -26,7 +28,7 @@ import pandas as pd
 
 from gripbench.errors import GripbenchError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,11 @@ CELL = (
     Column("latency_ratio_runs", "list", "ratio", "each timed run's e2e / the paired `none` run's"),
     Column("latency_cpu_share", "float", "fraction", "process CPU time / (wall x torch threads) while timing; NaN on CUDA"),
     Column("latency_batch_size", "int", "samples", "rows of the timed batch"),
+    Column("latency_concurrent", "bool", "", "true when other cells could run on the same node while this one was timed "
+           "(Ray with more than one task slot per node): its latency is not comparable with exclusively timed cells"),
+    Column("attention_kernel", "str", "", "the attention path the timed runs' layers took: '<implementation>:causal' (no "
+           "mask: SDPA's causal path, FlashAttention), ':masked' (explicit additive mask) or ':mixed (c/n causal)'"),
+    Column("torch_threads", "int", "threads", "torch's intra-op threads in the process that ran the cell"),
     Column("peak_memory_bytes", "float", "bytes", "the cell's own peak: CUDA allocated, or resident memory on CPU"),
     Column("kv_cache_bytes", "float", "bytes", "KV cache of one sample after decoding"),
     Column("batch_size", "int", "samples", "evaluation batch size"),

@@ -15,11 +15,13 @@ One cell = (model, task, method, method params, budget, limit, seed). For each c
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import hashlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -265,7 +267,17 @@ def environment(engine) -> dict:
             "attn_implementation": str(cfg.text_config._attn_implementation),
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "lmms_eval_version": getattr(lmms_eval, "__version__", None) or env["versions"]["lmms-eval"],
-            "gripbench_version": gripbench.__version__, "git_commit": git_commit(), "lock_match": env["lock_match"]}
+            "gripbench_version": gripbench.__version__, "git_commit": git_commit(), "lock_match": env["lock_match"],
+            "torch_threads": torch.get_num_threads()}
+
+
+def attention_kernel(impl: str, calls: dict) -> str:
+    """The attention path of a set of layer calls (`Engine.attention_calls` over the timed
+    runs): '<impl>:causal' when every call ran without a mask, ':masked' when none did."""
+    causal, total = calls.get("causal", 0), calls.get("causal", 0) + calls.get("masked", 0)
+    if total == 0:
+        return f"{impl}:none"
+    return f"{impl}:" + ("causal" if causal == total else "masked" if causal == 0 else f"mixed ({causal}/{total} causal)")
 
 
 def cpu_share_since(cpu0: float, wall0: float) -> float:
@@ -334,6 +346,9 @@ class Runner:
         self.cli_args = argparse.Namespace(output_path=self._scratch.name, process_with_media=True)
         self.arch = self.engine.adapter.llm_arch()
         self.env = environment(self.engine)
+        # True where other cells may run on the same node while this one is timed (a Ray
+        # worker beside others): recorded with the latency, which is then not comparable
+        self.concurrent = False
 
     def task_manager(self, task: str):
         """The embedded tasks' own index when it has the task (no stock indexing), else lmms-eval's
@@ -461,11 +476,13 @@ class Runner:
             return {"vision": t1 - t0, "scorer": gen.timings.get("scorer", 0.0), "prefill": gen.timings["prefill"],
                     "decode": gen.timings["decode"] / steps, "e2e": t2 - t0}
 
-        runs, none_e2e = [], []
+        runs, none_e2e, calls = [], [], collections.Counter()
         cpu0, wall0 = time.process_time(), time.perf_counter()
         for rep in range(LATENCY_WARMUP + LATENCY_REPEATS):
+            before = collections.Counter(e.attention_calls)
             run = timed(method)
             if rep >= LATENCY_WARMUP:  # the method's warm-up runs warm the shared engine for `none` too
+                calls.update(e.attention_calls - before)
                 runs.append(run)
                 none_e2e.append(timed(unpruned)["e2e"] if cell.method != "none" else run["e2e"])
         cpu_share = cpu_share_since(cpu0, wall0) if not cuda else float("nan")
@@ -476,7 +493,8 @@ class Runner:
                 "latency_e2e_p10_ms": float(np.percentile(e2e, 10)), "latency_e2e_p90_ms": float(np.percentile(e2e, 90)),
                 "latency_none_e2e_ms": statistics.median(none_e2e) * 1e3,
                 "latency_ratio_runs": [r["e2e"] / n for r, n in zip(runs, none_e2e)],
-                "latency_cpu_share": cpu_share, "latency_batch_size": len(prompts)}
+                "latency_cpu_share": cpu_share, "latency_batch_size": len(prompts), "latency_concurrent": self.concurrent,
+                "attention_kernel": attention_kernel(self.env["attn_implementation"], calls)}
 
 
 @dataclass
@@ -525,7 +543,8 @@ def unfit_methods(engine, todo: list[Cell], seed: int, methods: str, method_args
 def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all", budgets=DEFAULT_BUDGETS,
               limit: int | None = None, out: str | Path | None = None, seed: int = 0, executor: str = "local",
               batch_size: int = 32, progress: bool = True, verbose: bool = False, keep_stale: bool = False,
-              method_args: str | dict | None = None, include_path=None, allow_judge: bool = False) -> SweepResult:
+              method_args: str | dict | None = None, include_path=None, allow_judge: bool = False,
+              cpus_per_cell: int = 1) -> SweepResult:
     """Plan, skip finished cells, run the rest, write each at once. Resumable.
 
     Everything that can fail on bad input (names, budgets, the model, the folder) is checked
@@ -541,6 +560,8 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
         raise GripbenchError("--batch-size must be at least 1")
     if executor not in ("local", "ray"):
         raise GripbenchError(f"unknown executor {executor!r} (local or ray)")
+    if cpus_per_cell < 1:
+        raise GripbenchError("--cpus-per-cell must be at least 1")
     yaml_paths = resolve_tasks(tasks, include_path, allow_judge)
     cells = plan(model, methods, yaml_paths, budgets, limit, seed, method_args)
     check_model(model)
@@ -573,7 +594,8 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
     run = {"run_id": uuid.uuid4().hex[:12], "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": model,
            "methods": methods, "method_args": method_args, "tasks": tasks, "include_path": include_path,
            "budgets": parse_budgets(budgets), "limit": limit, "seed": seed,
-           "executor": executor, "batch_size": batch_size, "cells": len(cells), "cells_to_run": len(todo),
+           "executor": executor, "cpus_per_cell": cpus_per_cell if executor == "ray" else None, "batch_size": batch_size,
+           "cells": len(cells), "cells_to_run": len(todo),
            "stale": state.reasons, "kept_stale": kept_stale, "schema_version": schema.SCHEMA_VERSION,
            "gripbench_version": gripbench.__version__, "git_commit": git_commit(), **environment_versions(),
            "status": "running"}
@@ -584,20 +606,23 @@ def run_sweep(model: str = "embedded", methods: str = "all", tasks: str = "all",
         if record:
             _record_run(store, run)
         if todo:
+            def land(cell: Cell, row: dict, samples: pd.DataFrame) -> None:
+                nonlocal ran
+                store.add(row, samples)
+                if cell.config_hash in replaces:
+                    store.retire(replaces[cell.config_hash])
+                ran += 1
+
             if executor == "ray":
-                run_on_ray(model, todo, out, batch_size, progress, include_path)
-                ran = len(todo)
-                for h in replaces.values():
-                    store.retire(h)
+                failed = run_on_ray(model, todo, batch_size, land, progress, include_path, cpus_per_cell)
+                if failed:
+                    raise GripbenchError(f"{len(failed)} of {len(todo)} cells failed (one line each above); the other "
+                                         "cells are saved: rerun the same command to retry the failed ones")
             else:
                 with _progress(len(todo), progress) as bar:
                     for cell in todo:
                         bar.set_postfix_str(f"{cell.task.removeprefix('gripbench_')} {cell.method} {cell.budget:g}")
-                        row, samples = runner.run(cell)
-                        store.add(row, samples)
-                        if cell.config_hash in replaces:
-                            store.retire(replaces[cell.config_hash])
-                        ran += 1
+                        land(cell, *runner.run(cell))
                         bar.update()
     except BaseException as e:
         run["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
@@ -636,26 +661,54 @@ def _progress(total: int, enabled: bool):
 
 
 _RUNNERS: dict[tuple[str, int], Runner] = {}
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def _ray_cell(model: str, cell: Cell, out: str, batch_size: int, include_path=None) -> str:
-    """Body of one Ray task: run one cell and write it into the shared store. The Runner
-    (model, lmms-eval plugin, vision cache) is kept per worker process and reused."""
-    from gripbench.store import ResultsStore
-
-    key = (model, batch_size)
-    if key not in _RUNNERS:
-        _RUNNERS[key] = Runner(model, batch_size, tasks=[cell.task], include_path=include_path)
-    row, samples = _RUNNERS[key].run(cell)
-    ResultsStore(out).add(row, samples)
-    return cell.config_hash
+def one_line(error: BaseException) -> str:
+    """An error as one plain line: its type and the first line of its message, colour codes
+    removed (a Ray task's error arrives as a coloured remote traceback)."""
+    text = _ANSI.sub("", str(error)).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else '(no message)'}"
 
 
-def run_on_ray(model: str, cells: list[Cell], out: Path, batch_size: int, progress: bool = True,
-               include_path=None) -> None:
-    """One Ray task per cell (one GPU each where the cluster has GPUs), all writing into the
-    same store, which is safe for concurrent writers. Connects to a running cluster
-    (`RAY_ADDRESS` or `ray start`) or starts a local one."""
+def _node_slots(threads: int) -> int:
+    """How many gripbench cells the Ray node running this task can hold at once: one per GPU
+    where tasks take GPUs, else its CPUs over the CPUs each cell reserves."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    resources = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == ctx.get_node_id())
+    if ctx.get_accelerator_ids().get("GPU"):
+        return int(resources.get("GPU", 1))
+    return int(resources.get("CPU", threads) // threads)
+
+
+def _ray_cell(model: str, cell: Cell, batch_size: int, include_path, threads: int) -> dict:
+    """Body of one Ray task: run one cell and return it (row and samples) to the driver, which
+    alone writes the store, so worker nodes never need to see `--out`. torch runs with the
+    `threads` CPUs the task reserved. The cell is flagged `latency_concurrent` when its node
+    can hold more than one cell at a time. Errors come back as one line, not a traceback.
+    The Runner (model, lmms-eval plugin, vision cache) is kept per worker process and reused."""
+    torch.set_num_threads(threads)
+    try:
+        key = (model, batch_size)
+        if key not in _RUNNERS:
+            _RUNNERS[key] = Runner(model, batch_size, tasks=[cell.task], include_path=include_path)
+        runner = _RUNNERS[key]
+        runner.concurrent = _node_slots(threads) > 1
+        row, samples = runner.run(cell)
+    except Exception as e:  # noqa: BLE001 - any failure of the cell is reported, the others go on
+        return {"error": one_line(e)}
+    return {"row": row, "samples": samples}
+
+
+def run_on_ray(model: str, cells: list[Cell], batch_size: int, land, progress: bool = True, include_path=None,
+               cpus_per_cell: int = 1) -> list[tuple[Cell, str]]:
+    """One Ray task per cell (`cpus_per_cell` CPUs and torch threads each, and one GPU where
+    the cluster has GPUs). Each finished cell comes back to this process, which hands it to
+    `land` (the store's writer), as it arrives; a failed cell is one line on stderr and the
+    others go on. Connects to a running cluster (`RAY_ADDRESS` or `ray start`) or starts a
+    local one. Returns the failed cells with their errors."""
     try:
         import ray
     except ImportError:
@@ -669,10 +722,21 @@ def run_on_ray(model: str, cells: list[Cell], out: Path, batch_size: int, progre
                                            **({"GRIPBENCH_CACHE": os.environ["GRIPBENCH_CACHE"]}
                                               if "GRIPBENCH_CACHE" in os.environ else {})}})
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=1)(_ray_cell)
-    pending = [task.remote(model, c, str(out), batch_size, include_path) for c in cells]
-    with tqdm(total=len(pending), desc="cells (ray)", unit="cell", disable=not progress) as bar:
+    task = ray.remote(num_gpus=gpus, num_cpus=cpus_per_cell, max_retries=1)(_ray_cell)
+    pending = {task.remote(model, c, batch_size, include_path, cpus_per_cell): c for c in cells}
+    failed = []
+    with tqdm(total=len(pending), desc="cells (ray)", unit="cell", disable=not progress, file=sys.stderr) as bar:
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)  # re-raises a failed cell's error here
-            bar.update(len(done))
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(ref)
+            try:
+                out = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the worker died (e.g. out of memory): its own line
+                out = {"error": one_line(e)}
+            if "error" in out:
+                failed.append((cell, out["error"]))
+                bar.write(f"cell failed: {cell.task} {cell.method} budget {cell.budget:g}: {out['error']}", file=sys.stderr)
+            else:
+                land(cell, out["row"], out["samples"])
+            bar.update()
+    return failed

@@ -131,7 +131,7 @@ def diagnostics(engine, limit: int = 100, batch_size: int = 64, methods=TRAINING
     rows = {}
     for name in methods:
         recall, acc = [], []
-        for task, samples in splits.items():
+        for samples in splits.values():
             recall.append(evidence_recall(run_samples(engine, samples, create_method(name, budget=0.25), batch_size), samples))
             acc.append(accuracy(run_samples(engine, samples, create_method(name, budget=0.125), batch_size)))
         reachable = all(create_method(name, budget=b).reachable(engine.info) for b in (0.25, 0.125)) \

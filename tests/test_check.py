@@ -294,3 +294,14 @@ def test_corrupt_reference_exits_2(reference, tmp_path, capsys):
     victim.write_bytes(b"not parquet")
     assert main(["check", str(reference), "--reference", str(broken)]) == 2
     assert victim.name in capsys.readouterr().err
+
+
+def test_latency_timed_concurrently_is_not_gated(reference, tmp_path):
+    """A cell timed while other cells shared its node (Ray) is `unreliable`, never `regressed`."""
+    def concurrent(row, samples):
+        row, samples = slower(1.5)(row, samples)
+        return {**row, "latency_concurrent": True}, samples
+
+    findings = compare(synthetic_results(tmp_path / "ray", edit=concurrent), reference)
+    assert set(findings.verdict) == {"unreliable"} and len(findings) == 6
+    assert findings["detail"].str.contains("latency_concurrent").all() and not failed(findings, Tolerances())

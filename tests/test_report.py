@@ -214,3 +214,19 @@ def test_unreachable_budget_is_marked_never_best(tmp_path):
     assert "class=best" not in good and "class=best" in weak
     page = build_report(folder)
     assert "good at 0.25 (met 0.4)" in page and "circle-open" in page and "out of reach (met 0.4)" in page
+
+
+def test_report_says_which_cells_were_timed_concurrently(tmp_path):
+    """Cells timed beside others on a Ray node are counted in a note; the attention paths of
+    the timed runs are listed."""
+    res = synthetic_results(tmp_path / "ray", edit=lambda row, samples: (
+        {**row, "latency_concurrent": row["method"] == "weak", "attention_kernel": "sdpa:causal"}, samples))
+    html_text = build_report(res)
+    from gripbench.store import ResultsStore
+
+    cells = ResultsStore(res).cells()
+    n, weak = len(cells), int((cells.method == "weak").sum())
+    assert f"Latency of {weak} of {n} cells was timed while other cells could run on the same node" in html_text
+    assert f"sdpa:causal ({n} cells)" in html_text
+    plain = build_report(synthetic_results(tmp_path / "local"))
+    assert "timed while other cells" not in plain

@@ -95,21 +95,6 @@ def test_bad_input_exits_2(tmp_path, args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_ray_executor_matches_local(tmp_path):
-    """Each cell a Ray task on a local Ray instance, writing into one store: same cells and
-    the same accuracies as the local executor."""
-    pytest.importorskip("ray", reason="pip install 'gripbench[ray]'")
-    local = sweep(tmp_path / "local")
-    assert local.returncode == 0, local.stderr[-2000:]
-    r = sweep(tmp_path / "ray", "--executor", "ray")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert f"{N_CELLS} cells run" in r.stdout
-    a = pd.read_parquet(tmp_path / "local" / "cells.parquet").set_index("config_hash").sort_index()
-    b = pd.read_parquet(tmp_path / "ray" / "cells.parquet").set_index("config_hash").sort_index()
-    assert list(a.index) == list(b.index)
-    assert (a["accuracy"] == b["accuracy"]).all() and (a["flops_total"] == b["flops_total"]).all()
-
-
 def test_ray_missing_says_how_to_install(tmp_path, monkeypatch):
     import builtins
 
@@ -120,7 +105,7 @@ def test_ray_missing_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name == "ray" else real(name, *a, **k))
     with pytest.raises(GripbenchError, match=r"pip install 'gripbench\[ray\]'"):
-        run_on_ray("embedded", [Cell("embedded", "gripbench_text", "none", 1.0, 2, 0)], tmp_path, 8)
+        run_on_ray("embedded", [Cell("embedded", "gripbench_text", "none", 1.0, 2, 0)], 8, land=None)
 
 
 def test_plan_drops_duplicated_budgets_and_tasks():
@@ -314,3 +299,14 @@ def test_resume_state_names_each_kind_of_change():
     assert state.done == set() and set(state.stale) == {"old0", "old1"}
     assert state.reasons == {"model weights": 1, "written before cell identity was recorded (schema 1)": 1}
     assert resume_state(cells, pd.DataFrame([{**c.record()} for c in cells])).done == {c.config_hash for c in cells}
+
+
+def test_a_ray_error_is_one_plain_line():
+    from gripbench.sweep import attention_kernel, one_line
+
+    remote = RuntimeError("\x1b[36mray::_ray_cell()\x1b[39m (pid=1, ip=10.0.0.2)\n  File \"x.py\", line 1\nboom")
+    assert one_line(remote) == "RuntimeError: ray::_ray_cell() (pid=1, ip=10.0.0.2)"
+    assert one_line(ValueError()) == "ValueError: (no message)"
+    assert attention_kernel("sdpa", {"causal": 48}) == "sdpa:causal"
+    assert attention_kernel("sdpa", {"masked": 8}) == "sdpa:masked"
+    assert attention_kernel("eager", {"causal": 3, "masked": 5}) == "eager:mixed (3/8 causal)"

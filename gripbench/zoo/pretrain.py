@@ -75,7 +75,8 @@ def pretrain_vision(clip, recipe, steps: int, batch: int, lr: float, seed: int, 
     stock CLIPModel. Returns the log."""
     tok = recipe.tok
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, max(1, steps // 20)))
+    # a tenth of the steps to warm up: a faster warm-up (a twentieth of 250) stalled at chance for the first 100 steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, max(1, steps // 10)))
     rng = np.random.default_rng(seed)
     start, records = time.perf_counter(), []
     clip.train()
