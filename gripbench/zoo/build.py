@@ -327,7 +327,7 @@ class PooledCLIP(torch.nn.Module):
     pools the tower's merged output tokens with SigLIP's attention-pooling head (a learned
     probe attending over them: stock `SiglipMultiheadAttentionPoolingHead`, how SigLIP
     towers, which have no [CLS] either, are trained), then a projection; the text side is a
-    stock CLIPTextModelWithProjection; a learned logit scale initialised as CLIP's (1 / 0.07).
+    stock CLIPTextModelWithProjection; the logit scale is fixed at CLIP's initial 1 / 0.07.
     The head and the text encoder are thrown away after pretraining.
 
     Why not the mean of the merged tokens: a scene's few items are a small share of its 144
@@ -343,7 +343,9 @@ class PooledCLIP(torch.nn.Module):
         self.head = SiglipMultiheadAttentionPoolingHead(SiglipVisionConfig(hidden_size=dim, num_attention_heads=heads,
                                                                            intermediate_size=4 * dim))
         self.visual_projection = torch.nn.Linear(dim, text.config.projection_dim, bias=False)
-        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # fixed, not learned: a learned scale (with weight decay) fell while the image side was still
+        # uninformative, flattening the logits to exact chance (loss ln N) with no gradient left to recover
+        self.register_buffer("logit_scale", torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, return_loss=True):
         merged = self.tower(pixel_values, grid_thw=image_grid_thw).pooler_output
