@@ -255,6 +255,16 @@ class Engine:
         and after each pruning step, and once per generation for the decode layers."""
         return self.causal_kernel and not self.adapter.needs_mask(keys)
 
+    def _layer_mask(self, key_mask: torch.Tensor, q_len: int, dtype, unpadded: bool, bias: torch.Tensor | None = None):
+        """The mask one layer call gets: None on the causal path (`unpadded` rows, no bias,
+        `_mask_free`), else the additive mask (+ bias); counted in `attention_calls`."""
+        if unpadded and bias is None and self._mask_free(key_mask.shape[1]):
+            self.attention_calls["causal"] += 1
+            return None
+        self.attention_calls["masked"] += 1
+        mask = self._mask(key_mask, q_len, dtype)
+        return mask if bias is None else mask + bias
+
     @property
     def causal_kernel(self) -> bool:
         """Whether the LLM's attention implementation is causal without a mask (SDPA infers
@@ -336,12 +346,7 @@ class Engine:
                 per_row[r].append(rows.fixed[r] + len(ids))
             key_masks.append(st.key_mask)
             cos_sin = self.adapter.rotary(st.hidden, st.positions)
-            if unpadded and self._mask_free(st.key_mask.shape[1]):
-                mask = None
-            else:
-                mask = self._mask(st.key_mask, st.hidden.shape[1], st.hidden.dtype)
-                mask = mask if bias is None else mask + bias
-            self.attention_calls["masked" if mask is not None else "causal"] += 1
+            mask = self._layer_mask(st.key_mask, st.hidden.shape[1], st.hidden.dtype, unpadded, bias)
             prev_hidden = st.hidden
             st.hidden = self.adapter.run_layer(layer_idx, st.hidden, mask, st.positions, cos_sin, cache)
             st.hidden = self.adapter.after_layer(layer_idx, st.hidden, st.slots,
@@ -396,8 +401,7 @@ class Engine:
         ones = torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)
         for i in range(len(self.adapter.layers)):
             key_masks[i] = torch.cat([key_masks[i], ones], dim=1)
-            mask = None if unpadded[i] and self._mask_free(key_masks[i].shape[1]) else self._mask(key_masks[i], 1, h.dtype)
-            self.attention_calls["masked" if mask is not None else "causal"] += 1
+            mask = self._layer_mask(key_masks[i], 1, h.dtype, unpadded[i])
             h = self.adapter.run_layer(i, h, mask, positions, cos_sin, cache)
         return self.adapter.logits(h)[:, -1]
 

@@ -694,8 +694,8 @@ def _ray_cell(model: str, cell: Cell, batch_size: int, include_path, threads: in
         key = (model, batch_size)
         if key not in _RUNNERS:
             _RUNNERS[key] = Runner(model, batch_size, tasks=[cell.task], include_path=include_path)
+            _RUNNERS[key].concurrent = _node_slots(threads) > 1  # a node's resources are fixed: asked once
         runner = _RUNNERS[key]
-        runner.concurrent = _node_slots(threads) > 1
         row, samples = runner.run(cell)
     except Exception as e:  # noqa: BLE001 - any failure of the cell is reported, the others go on
         return {"error": one_line(e)}

@@ -88,6 +88,7 @@ def test_corrupt_results_file_is_named_and_kept(tmp_path):
     (["--methods", "fastvv"], "did you mean 'fastv'"),
     (["--tasks", "countng"], "did you mean 'counting'"),
     (["--budgets", "0,0.5"], "outside (0, 1]"),
+    (["--executor", "ray", "--cpus-per-cell", "0"], "--cpus-per-cell must be at least 1"),
 ])
 def test_bad_input_exits_2(tmp_path, args, message):
     cmd = [sys.executable, "-m", "gripbench.cli", "sweep", "--out", str(tmp_path / "x"), "--limit", "2", *args]

@@ -330,9 +330,11 @@ class PooledCLIP(torch.nn.Module):
     stock CLIPTextModelWithProjection; the logit scale is fixed at CLIP's initial 1 / 0.07.
     The head and the text encoder are thrown away after pretraining.
 
-    Why not the mean of the merged tokens: a scene's few items are a small share of its 144
-    tokens, and mean pooling stayed at chance (loss ln 64) for 125 steps at batch 64, with or
-    without a LayerNorm after the mean, while the LLaVA tower's [CLS] was learning."""
+    Not yet working: the contrastive loss stayed at exact chance (loss ln N) with mean
+    pooling of the merged tokens (125 steps at batch 64), with a LayerNorm after the mean,
+    with this head, and with the fixed logit scale below (25-100 steps at batch 32), while
+    the LLaVA tower's [CLS] learned under the same loop. Embeddings differ between images
+    and between captions at init, so the collapse happens in training; open (issue 6/7)."""
 
     def __init__(self, tower, text, dim: int, heads: int = 4):
         from transformers import SiglipVisionConfig
@@ -343,8 +345,8 @@ class PooledCLIP(torch.nn.Module):
         self.head = SiglipMultiheadAttentionPoolingHead(SiglipVisionConfig(hidden_size=dim, num_attention_heads=heads,
                                                                            intermediate_size=4 * dim))
         self.visual_projection = torch.nn.Linear(dim, text.config.projection_dim, bias=False)
-        # fixed, not learned: a learned scale (with weight decay) fell while the image side was still
-        # uninformative, flattening the logits to exact chance (loss ln N) with no gradient left to recover
+        # fixed, not learned: tried because a falling learned scale would flatten the logits to chance;
+        # it did not cure the collapse (see the class docstring)
         self.register_buffer("logit_scale", torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, return_loss=True):
