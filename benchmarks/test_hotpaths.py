@@ -11,6 +11,7 @@ Absolute times depend on the machine; compare runs made on the same one.
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,3 +97,23 @@ def test_grip_scorer(benchmark, setup):
     benchmark.group = "scorer"
     with torch.no_grad():
         benchmark(scorer, feats, q, qm, rho, engine.info.grid)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from gripbench.sweep import Runner
+
+    return Runner("embedded", batch_size=32, tasks=["gripbench_counting"])
+
+
+@pytest.mark.parametrize("name", ["none", "fastv", "grip"])
+def test_cell(benchmark, runner, name):
+    """A whole sweep cell as `gripbench sweep` runs it (lmms-eval's evaluation of 32 counting
+    questions, FLOPs, bootstrap interval, the latency protocol): what a sweep pays per cell."""
+    from gripbench.sweep import Cell, with_identity
+
+    params = json.dumps(create_method(name, budget=0.25).describe_params(), sort_keys=True)
+    cell = with_identity([Cell("embedded", "gripbench_counting", name, 1.0 if name == "none" else 0.25, 32, 0, params)],
+                         {"gripbench_counting": None})[0]
+    benchmark.group = "whole cell (32 questions)"
+    benchmark.pedantic(runner.run, args=(cell,), rounds=3, iterations=1, warmup_rounds=1)

@@ -84,6 +84,25 @@ def test_the_tower_is_frozen_after_pretraining(tmp_path, monkeypatch):
     assert all(torch.equal(final[k], v) for k, v in seen["tower"].items())
 
 
+def test_a_rebuild_reuses_the_pretraining_stages_it_shares(tmp_path):
+    """A second build into the same folder reuses the pretraining stages whose settings are
+    unchanged (same weights, their minutes counted as measured) and reruns a stage whose
+    settings changed."""
+    from safetensors.torch import load_file
+
+    logs = []
+    first = build(tmp_path, BuildConfig(family="llava", **TINY), log=lambda *_: None)
+    weights = load_file(tmp_path / "model.safetensors")
+    again = build(tmp_path, BuildConfig(family="llava", **{**TINY, "tune_steps": 3}), log=logs.append)
+    assert sum("reusing" in m for m in logs) == 2
+    assert again["stage_min"]["vision_pretraining"] == first["stage_min"]["vision_pretraining"]
+    tower = [k for k in weights if "vision_tower" in k]
+    assert tower and all(torch.equal(weights[k], load_file(tmp_path / "model.safetensors")[k]) for k in tower)
+    logs.clear()
+    build(tmp_path, BuildConfig(family="llava", **{**TINY, "clip_steps": 3}), log=logs.append)
+    assert [m.split(":")[0] for m in logs if "reusing" in m] == ["llm_pretraining"]
+
+
 def test_kendall_against_a_published_table():
     from gripbench.published import LLAVA15_7B_64, Table, kendall
 

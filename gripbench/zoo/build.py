@@ -330,11 +330,16 @@ class PooledCLIP(torch.nn.Module):
     stock CLIPTextModelWithProjection; the logit scale is fixed at CLIP's initial 1 / 0.07.
     The head and the text encoder are thrown away after pretraining.
 
-    Not yet working: the contrastive loss stayed at exact chance (loss ln N) with mean
-    pooling of the merged tokens (125 steps at batch 64), with a LayerNorm after the mean,
-    with this head, and with the fixed logit scale below (25-100 steps at batch 32), while
-    the LLaVA tower's [CLS] learned under the same loop. Embeddings differ between images
-    and between captions at init, so the collapse happens in training; open (issue 6/7)."""
+    Not yet working: the contrastive loss stays at exact chance (loss ln N) with mean
+    pooling of the merged tokens, a LayerNorm after the mean, this head, a fixed or a
+    learned logit scale (initial 1 or 1/0.07) and SigLIP's sigmoid loss, at batch 32 and 64
+    (up to 105 steps), fp32 or bf16. What happens (logged per step): within ~10 steps the
+    caption embeddings collapse (mean pairwise cosine 0.92 -> 0.999) and then the image
+    side; gradients fall to ~1e-3. It is not Qwen-specific: the LLaVA CLIP collapses the
+    same way at batch 32 and escaped the collapse at batch 128 only after ~60 steps (its
+    full build's log). Next (issue 6/7): initialise this tower from the contrastively
+    pretrained CLIP ViT, as Qwen2-VL's own tower was initialised from DFN's CLIP ViT with
+    the absolute positions replaced by 2-D RoPE."""
 
     def __init__(self, tower, text, dim: int, heads: int = 4):
         from transformers import SiglipVisionConfig
@@ -362,6 +367,38 @@ class PooledCLIP(torch.nn.Module):
 
 
 RECIPES = {"llava": LlavaRecipe, "qwen2-vl": QwenRecipe}
+
+
+# the config fields each pretraining stage's result depends on (its cache key)
+VISION_FIELDS = ("family", "seed", "vision_dim", "vision_layers", "vision_heads", "llm_dim", "clip_steps", "clip_batch",
+                 "clip_lr", "bf16")
+LLM_FIELDS = ("family", "seed", "llm_dim", "llm_layers", "llm_heads", "llm_kv_heads", "llm_ffn", "lm_steps", "lm_batch",
+              "lm_lr", "extra_turns", "bf16")
+
+
+def _stage(out_dir: Path, name: str, fields, cfg: BuildConfig, run, records: list, minutes: dict, log):
+    """Run a pretraining stage, or reuse its result from an earlier build into the same
+    folder with the same values of `fields` (`out_dir/stages/`): the two pretraining stages
+    take a third of a build and do not depend on the LLaVA stages' settings, so a build
+    that changes only those resumes after them. The reused stage's log and minutes are the
+    ones measured when it ran (the build's total counts them)."""
+    key = {f: getattr(cfg, f) for f in fields}
+    path = out_dir / "stages" / f"{name}.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        if saved["key"] == json.dumps(key, sort_keys=True):
+            log(f"{name}: reusing {path} ({saved['minutes']:.1f} min when it ran)")
+            records += [json.loads(r) for r in saved["records"]]
+            minutes[name] = saved["minutes"]
+            return saved["state"]
+    t = time.perf_counter()
+    state, recs = run()
+    minutes[name] = (time.perf_counter() - t) / 60
+    records += recs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": json.dumps(key, sort_keys=True), "state": state, "minutes": minutes[name],
+                "records": [json.dumps(r) for r in recs]}, path)
+    return state
 
 
 def val_accuracy(model, processor, val: dict[str, list]) -> dict[str, float]:
@@ -392,24 +429,27 @@ def build(out_dir: str | Path, cfg: BuildConfig = BuildConfig(), log=print) -> d
     minutes: dict[str, float] = {}
 
     # 0a. contrastive vision pretraining; the tower is then frozen
-    t = time.perf_counter()
-    clip, copy_back = recipe.contrastive(model)
-    records += pretrain_vision(clip, recipe, cfg.clip_steps, cfg.clip_batch, cfg.clip_lr, cfg.seed, log, cfg.bf16)
-    copy_back()
-    del clip
+    def vision_stage():
+        clip, copy_back = recipe.contrastive(model)
+        recs = pretrain_vision(clip, recipe, cfg.clip_steps, cfg.clip_batch, cfg.clip_lr, cfg.seed, log, cfg.bf16)
+        copy_back()
+        return recipe.tower(model).state_dict(), recs
+
+    state = _stage(out_dir, "vision_pretraining", VISION_FIELDS, cfg, vision_stage, records, minutes, log)
+    recipe.tower(model).load_state_dict(state)
     recipe.tower(model).requires_grad_(False)
-    minutes["vision_pretraining"] = (time.perf_counter() - t) / 60
 
     # 0b. language-model pretraining of a stock causal LM of the VLM's text config
-    t = time.perf_counter()
-    torch.manual_seed(cfg.seed + 1)
-    llm = recipe.causal_lm()
-    records += pretrain_llm(llm, tok, recipe.lm_chat, cfg.lm_steps, cfg.lm_batch, cfg.lm_lr, cfg.seed, cfg.extra_turns,
+    def llm_stage():
+        torch.manual_seed(cfg.seed + 1)
+        llm = recipe.causal_lm()
+        recs = pretrain_llm(llm, tok, recipe.lm_chat, cfg.lm_steps, cfg.lm_batch, cfg.lm_lr, cfg.seed, cfg.extra_turns,
                             log, cfg.bf16)
-    model.model.language_model.load_state_dict(llm.model.state_dict())
-    model.lm_head.load_state_dict(llm.lm_head.state_dict())
-    del llm
-    minutes["llm_pretraining"] = (time.perf_counter() - t) / 60
+        return llm.state_dict(), recs
+
+    state = _stage(out_dir, "llm_pretraining", LLM_FIELDS, cfg, llm_stage, records, minutes, log)
+    model.model.language_model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    model.lm_head.load_state_dict({"weight": state["lm_head.weight"]})
 
     val = {t: load_split(t, "val", cfg.eval_per_task) for t in TASKS}
     tasks = list(TASKS)
@@ -447,7 +487,7 @@ def build(out_dir: str | Path, cfg: BuildConfig = BuildConfig(), log=print) -> d
     minutes["instruction_tuning"] = (time.perf_counter() - t) / 60
 
     save_checkpoint(model, processor, out_dir)
-    result = {"elapsed_min": (time.perf_counter() - t0) / 60, "stage_min": minutes, "val": records[-1].get("val", {})}
+    result = {"elapsed_min": sum(minutes.values()), "wall_min": (time.perf_counter() - t0) / 60, "stage_min": minutes, "val": records[-1].get("val", {})}
     (out_dir / "build_config.json").write_text(json.dumps({"config": asdict(cfg), **result}, indent=1))
     with open(out_dir / "train_log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
