@@ -123,3 +123,28 @@ def test_evidence_recall_of_kept_tokens():
     results = [SimpleNamespace(kept_indices=[1, 2, 3]), SimpleNamespace(kept_indices=[9])]
     samples = [SimpleNamespace(evidence=[2, 3, 4, 5]), SimpleNamespace(evidence=[])]
     assert evidence_recall(results, samples) == 0.5  # 2 of 4; a question without evidence is left out
+
+
+def test_clip_vit_carried_into_the_qwen2_vl_tower():
+    """Every CLIP block weight lands in the Qwen tower (q, k, v fused), the patch kernel is
+    split over the two temporal slices with the pre-LayerNorm gain, and the tower then reads
+    a 96 px scene at 192 px as 144 merged tokens that differ between scenes."""
+    recipe = RECIPES["qwen2-vl"](BuildConfig(family="qwen2-vl", **TINY))
+    model = recipe.model()
+    clip, copy_back = recipe.contrastive(model)
+    copy_back()
+    tower, vit = recipe.tower(model), clip.vision_model
+    for block, layer in zip(tower.blocks, vit.encoder.layers, strict=True):
+        a = layer.self_attn
+        assert torch.equal(block.attn.qkv.weight, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+        assert torch.equal(block.mlp.fc2.weight, layer.mlp.fc2.weight) and torch.equal(block.norm1.weight, layer.layer_norm1.weight)
+    kernel = tower.patch_embed.proj.weight
+    assert torch.allclose(kernel[:, :, 0], kernel[:, :, 1])
+    gain = (kernel.sum(2) / vit.embeddings.patch_embedding.weight).flatten()
+    assert torch.allclose(gain, gain[0].expand_as(gain), rtol=1e-4) and gain[0] > 0
+    images = [make_sample("counting", "val", i).image for i in range(2)]
+    inputs = recipe.vision_inputs(images)
+    assert inputs["image_grid_thw"].tolist() == [[1, 24, 24]] * 2
+    with torch.no_grad():
+        out = tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+    assert out.shape[0] == 2 * 144 and not torch.allclose(out[:144], out[144:])

@@ -20,18 +20,17 @@ rho = 1/16 with their published layers). `BuildConfig` is saved beside the check
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
+from gripbench.tasks.scenes import SceneConfig
 from gripbench.tasks.suite import TASKS, extra_questions, load_split, make_sample
 from gripbench.zoo.captions import CAPTION_WORDS, caption
-from gripbench.zoo.pretrain import build_clip, build_clip_text, cosine_lr, pretrain_llm, pretrain_vision
+from gripbench.zoo.pretrain import build_clip, cosine_lr, pretrain_llm, pretrain_vision
 
 DESCRIBE = "describe the image ."
 
@@ -46,11 +45,11 @@ class BuildConfig:
 
     family: str = "llava"
     seed: int = 0
-    # vision tower: 96 px scenes. LLaVA: CLIP, patch 8 -> 144 tokens, features from the
-    # penultimate layer. Qwen2-VL: patch 4 -> 576 patches merged 2x2 -> 144 tokens; its tower
-    # sees 4x the patches per image (and CPU attention backward over 576 keys is slow), so
-    # it is narrower and pretrains on smaller batches: None = 192 / 128 for LLaVA, 96 / 64
-    # for Qwen2-VL (`vision_dim` / `clip_batch`)
+    # vision tower: a CLIP ViT (patch 8) pretrained on 96 px scenes. LLaVA: 144 tokens,
+    # features from the penultimate layer. Qwen2-VL: the CLIP ViT carried into Qwen's tower
+    # (2-D RoPE, no [CLS]), which reads the scene at 192 px: 24 x 24 patches merged 2 x 2 ->
+    # 144 tokens; it sees 4x the patches of the LLaVA tower, so it is narrower: None = 192
+    # for LLaVA, 128 for Qwen2-VL
     vision_dim: int | None = None
     vision_layers: int = 4
     vision_heads: int = 4
@@ -62,7 +61,7 @@ class BuildConfig:
     llm_ffn: int = 384
     # stage 0a: contrastive vision pretraining
     clip_steps: int = 500
-    clip_batch: int | None = None
+    clip_batch: int = 128  # a batch of 32 or 64 left the contrastive loss stuck at chance (see QwenRecipe.contrastive)
     clip_lr: float = 1e-3
     # stage 0b: language-model pretraining
     lm_steps: int = 150
@@ -84,9 +83,7 @@ class BuildConfig:
     def __post_init__(self):
         qwen = self.family == "qwen2-vl"
         if self.vision_dim is None:
-            self.vision_dim = 96 if qwen else 192
-        if self.clip_batch is None:
-            self.clip_batch = 64 if qwen else 128
+            self.vision_dim = 128 if qwen else 192
 
 
 class LlavaRecipe:
@@ -114,7 +111,6 @@ class LlavaRecipe:
     def model(self):
         from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
-        from gripbench.tasks.scenes import SceneConfig
 
         c, scene = self.cfg, SceneConfig()
         vision = CLIPVisionConfig(hidden_size=c.vision_dim, intermediate_size=c.vision_dim * 8 // 3,
@@ -141,6 +137,10 @@ class LlavaRecipe:
 
     def vision_inputs(self, images) -> dict:
         return {"pixel_values": self.processor.image_processor(images, return_tensors="pt")["pixel_values"]}
+
+    def clip_inputs(self, images) -> dict:
+        """The contrastive stage's image inputs (the VLM's own, here)."""
+        return self.vision_inputs(images)
 
     def contrastive(self, model):
         """A stock CLIPModel around a fresh tower of the VLM's config, and a way to copy it back."""
@@ -222,9 +222,11 @@ QWEN_TEMPLATE = (
 
 
 class QwenRecipe(LlavaRecipe):
-    """The Qwen2-VL layout: a tower without [CLS] (2-D RoPE, patch 4 so that a 96 px scene
-    gives 24 x 24 patches, merged 2 x 2 into 12 x 12 = 144 LLM tokens, as many as the LLaVA
-    model's), the patch merger as projector, a Qwen2 LLM with M-RoPE."""
+    """The Qwen2-VL layout: a tower without [CLS] (2-D RoPE, patch 8; a 96 px scene is read
+    at 192 px, Qwen2-VL's upscaling of small images to `min_pixels`, so 24 x 24 patches,
+    merged 2 x 2 into 12 x 12 = 144 LLM tokens, as many as the LLaVA model's), initialised
+    from a contrastively pretrained CLIP ViT, the patch merger as projector, a Qwen2 LLM
+    with M-RoPE."""
 
     def __init__(self, cfg: BuildConfig):
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -244,9 +246,14 @@ class QwenRecipe(LlavaRecipe):
             extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                   "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
                                   "im_start_token": "<|im_start|>"})
-        pixels = 96 * 96
-        image = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=4, temporal_patch_size=2, merge_size=2)
-        video = Qwen2VLVideoProcessor(patch_size=4, temporal_patch_size=2, merge_size=2)
+        from gripbench.zoo.model import build_processor as llava_processor
+
+        pixels = (2 * SceneConfig().image_size) ** 2  # Qwen2-VL's smallest-image rule, upscaled to min_pixels
+        patch = SceneConfig().patch_size
+        image = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=patch, temporal_patch_size=2,
+                                      merge_size=2)
+        video = Qwen2VLVideoProcessor(patch_size=patch, temporal_patch_size=2, merge_size=2)
+        self.clip_processor = llava_processor().image_processor  # the CLIP ViT's own resolution, 96 px
         self.processor = Qwen2VLProcessor(image_processor=image, tokenizer=self.tok, video_processor=video,
                                           chat_template=QWEN_TEMPLATE)
 
@@ -272,7 +279,7 @@ class QwenRecipe(LlavaRecipe):
 
         c = self.cfg
         vision = dict(depth=c.vision_layers, embed_dim=c.vision_dim, hidden_size=c.llm_dim, num_heads=c.vision_heads,
-                      mlp_ratio=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+                      mlp_ratio=4, patch_size=SceneConfig().patch_size, spatial_merge_size=2, temporal_patch_size=2)
         config = Qwen2VLConfig(text_config=self.text_config().to_dict(), vision_config=vision, tie_word_embeddings=True,
                                **self._ids())
         torch.manual_seed(c.seed)
@@ -293,15 +300,35 @@ class QwenRecipe(LlavaRecipe):
         out = self.processor.image_processor(images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
-    def contrastive(self, model):
-        """A fresh tower of the VLM's config, attention-pooled (it has no [CLS]), against a
-        stock CLIP text encoder, with CLIP's loss (`PooledCLIP`)."""
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+    def clip_inputs(self, images) -> dict:
+        return {"pixel_values": self.clip_processor(images, return_tensors="pt")["pixel_values"]}
 
-        torch.manual_seed(self.cfg.seed)
-        tower = Qwen2VisionTransformerPretrainedModel._from_config(model.config.vision_config)
-        clip = PooledCLIP(tower, build_clip_text(self.tok), model.config.vision_config.hidden_size)
-        return clip, lambda: self.tower(model).load_state_dict(tower.state_dict())
+    def contrastive(self, model):
+        """A stock CLIPModel (a CLIP ViT of the tower's width and depth, patch 8 at 96 px, and
+        the small text encoder), pretrained like the LLaVA model's, then carried into the
+        Qwen2-VL tower (`clip_into_qwen2_vision`), as Qwen2-VL's tower was initialised from
+        DFN's CLIP ViT.
+
+        Why not contrastive pretraining of the Qwen tower itself (no [CLS]: mean pooling, a
+        LayerNorm after the mean, SigLIP's attention-pooling head; CLIP's or SigLIP's loss;
+        a fixed or learned logit scale): it stayed at exact chance in every variant tried
+        (batch 32 and 64, up to 105 steps, fp32 or bf16). Logged per step: within ~10 steps
+        the caption embeddings collapse (mean pairwise cosine 0.92 -> 0.999), then the
+        image embeddings, and the gradients fall to ~1e-3. The LLaVA CLIP collapses the same
+        way at batch 32 and left the collapse at batch 128 only after ~60 steps."""
+        from transformers import CLIPVisionConfig
+
+
+        c, scene = self.cfg, SceneConfig()
+        vision = CLIPVisionConfig(hidden_size=c.vision_dim, intermediate_size=4 * c.vision_dim,
+                                  num_hidden_layers=c.vision_layers, num_attention_heads=c.vision_heads,
+                                  image_size=scene.image_size, patch_size=scene.patch_size, projection_dim=128)
+        clip = build_clip(self.tok, vision, seed=c.seed)
+
+        def copy_back():
+            calibration = [make_sample(t, "train", 40_000_000 + i, base_seed=c.seed).image for i, t in enumerate(TASKS)]
+            clip_into_qwen2_vision(clip.vision_model, self.tower(model), self.clip_inputs(calibration)["pixel_values"])
+        return clip, copy_back
 
     def chat(self, question: str, answer: str, extra=()) -> str:
         first = f"<|im_start|>user <|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>"
@@ -322,48 +349,35 @@ class QwenRecipe(LlavaRecipe):
         return answer_labels(input_ids, self.tok, opener=("<|im_start|>", "assistant"))
 
 
-class PooledCLIP(torch.nn.Module):
-    """CLIP's contrastive loss for a tower without [CLS] (Qwen2-VL's): the image embedding
-    pools the tower's merged output tokens with SigLIP's attention-pooling head (a learned
-    probe attending over them: stock `SiglipMultiheadAttentionPoolingHead`, how SigLIP
-    towers, which have no [CLS] either, are trained), then a projection; the text side is a
-    stock CLIPTextModelWithProjection; the logit scale is fixed at CLIP's initial 1 / 0.07.
-    The head and the text encoder are thrown away after pretraining.
+def clip_into_qwen2_vision(clip_vision, tower, pixel_values: torch.Tensor) -> None:
+    """Initialise a Qwen2-VL vision tower from a contrastively pretrained CLIP ViT, as
+    Qwen2-VL's tower was initialised from DFN's CLIP ViT ("the fixed position embedding in
+    the original DFN's ViT is replaced by RoPE-2D", Qwen2-VL report, arXiv 2409.12191, 2.1).
 
-    Not yet working: the contrastive loss stays at exact chance (loss ln N) with mean
-    pooling of the merged tokens, a LayerNorm after the mean, this head, a fixed or a
-    learned logit scale (initial 1 or 1/0.07) and SigLIP's sigmoid loss, at batch 32 and 64
-    (up to 105 steps), fp32 or bf16. What happens (logged per step): within ~10 steps the
-    caption embeddings collapse (mean pairwise cosine 0.92 -> 0.999) and then the image
-    side; gradients fall to ~1e-3. It is not Qwen-specific: the LLaVA CLIP collapses the
-    same way at batch 32 and escaped the collapse at batch 128 only after ~60 steps (its
-    full build's log). Next (issue 6/7): initialise this tower from the contrastively
-    pretrained CLIP ViT, as Qwen2-VL's own tower was initialised from DFN's CLIP ViT with
-    the absolute positions replaced by 2-D RoPE."""
-
-    def __init__(self, tower, text, dim: int, heads: int = 4):
-        from transformers import SiglipVisionConfig
-        from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
-
-        super().__init__()
-        self.tower, self.text = tower, text
-        self.head = SiglipMultiheadAttentionPoolingHead(SiglipVisionConfig(hidden_size=dim, num_attention_heads=heads,
-                                                                           intermediate_size=4 * dim))
-        self.visual_projection = torch.nn.Linear(dim, text.config.projection_dim, bias=False)
-        # fixed, not learned: tried because a falling learned scale would flatten the logits to chance;
-        # it did not cure the collapse (see the class docstring)
-        self.register_buffer("logit_scale", torch.tensor(math.log(1 / 0.07)))
-
-    def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, return_loss=True):
-        merged = self.tower(pixel_values, grid_thw=image_grid_thw).pooler_output
-        per_image = torch.split(merged, (image_grid_thw.prod(-1) // 4).tolist())
-        tokens = torch.nn.utils.rnn.pad_sequence(per_image, batch_first=True)  # equal sizes here: no padding
-        image = F.normalize(self.visual_projection(self.head(tokens)), dim=-1)
-        text = F.normalize(self.text(input_ids=input_ids, attention_mask=attention_mask).text_embeds, dim=-1)
-        logits_per_text = self.logit_scale.exp() * text @ image.T
-        target = torch.arange(len(text), device=text.device)  # CLIP's symmetric in-batch cross-entropy
-        loss = (F.cross_entropy(logits_per_text, target) + F.cross_entropy(logits_per_text.T, target)) / 2
-        return SimpleNamespace(loss=loss, logits_per_image=logits_per_text.T)
+    Carried over: the patch kernel (split evenly over Qwen's two temporal slices, which
+    hold the same image twice) and every block's LayerNorms, attention (q, k, v fused into
+    qkv) and MLP (both quick-GELU). Dropped, as in Qwen2-VL: the [CLS] token, the absolute
+    position embedding (the tower's 2-D RoPE takes over) and CLIP's pre- and post-
+    LayerNorm, which Qwen's tower lacks: the kernel is rescaled so that the residual stream
+    starts at the pre-LayerNorm's output norm, measured on `pixel_values` (CLIP inputs).
+    The merger (Qwen's projector) stays fresh, as in Qwen2-VL."""
+    with torch.no_grad():
+        emb = clip_vision.embeddings
+        raw = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        normed = clip_vision.pre_layrnorm(emb(pixel_values))[:, 1:]
+        gain = normed.norm(dim=-1).mean() / raw.norm(dim=-1).mean()
+        w = emb.patch_embedding.weight  # (D, 3, P, P)
+        t = tower.patch_embed.proj.weight.shape[2]
+        tower.patch_embed.proj.weight.copy_(w[:, :, None].expand(-1, -1, t, -1, -1) * (gain / t))
+        for block, layer in zip(tower.blocks, clip_vision.encoder.layers, strict=True):
+            block.norm1.load_state_dict(layer.layer_norm1.state_dict())
+            block.norm2.load_state_dict(layer.layer_norm2.state_dict())
+            attn = layer.self_attn
+            block.attn.qkv.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+            block.attn.qkv.bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+            block.attn.proj.load_state_dict(attn.out_proj.state_dict())
+            block.mlp.fc1.load_state_dict(layer.mlp.fc1.state_dict())
+            block.mlp.fc2.load_state_dict(layer.mlp.fc2.state_dict())
 
 
 RECIPES = {"llava": LlavaRecipe, "qwen2-vl": QwenRecipe}
@@ -487,7 +501,8 @@ def build(out_dir: str | Path, cfg: BuildConfig = BuildConfig(), log=print) -> d
     minutes["instruction_tuning"] = (time.perf_counter() - t) / 60
 
     save_checkpoint(model, processor, out_dir)
-    result = {"elapsed_min": sum(minutes.values()), "wall_min": (time.perf_counter() - t0) / 60, "stage_min": minutes, "val": records[-1].get("val", {})}
+    result = {"elapsed_min": sum(minutes.values()), "wall_min": (time.perf_counter() - t0) / 60, "stage_min": minutes,
+              "val": records[-1].get("val", {})}
     (out_dir / "build_config.json").write_text(json.dumps({"config": asdict(cfg), **result}, indent=1))
     with open(out_dir / "train_log.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)

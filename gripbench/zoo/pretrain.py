@@ -61,17 +61,10 @@ def build_clip(tokenizer, vision_config, text_layers: int = 3, text_dim: int = 1
     return CLIPModel(cfg)
 
 
-def build_clip_text(tokenizer, text_layers: int = 3, text_dim: int = 128, projection_dim: int = 128):
-    """A stock CLIPTextModelWithProjection of the same size, for towers trained outside CLIPModel."""
-    from transformers import CLIPTextModelWithProjection
-
-    return CLIPTextModelWithProjection(_text_config(tokenizer, text_layers, text_dim, projection_dim))
-
-
 def pretrain_vision(clip, recipe, steps: int, batch: int, lr: float, seed: int, log=print, bf16: bool = True) -> list[dict]:
     """CLIP's contrastive pretraining on (scene, caption) pairs, in-batch negatives; each
     caption lists the items in a random order (text augmentation). `clip` takes
-    input_ids, attention_mask, the recipe's `vision_inputs(images)` and `return_loss` like a
+    input_ids, attention_mask, the recipe's `clip_inputs(images)` and `return_loss` like a
     stock CLIPModel. Returns the log."""
     tok = recipe.tok
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.1)
@@ -84,7 +77,7 @@ def pretrain_vision(clip, recipe, steps: int, batch: int, lr: float, seed: int, 
         samples = scenes(step, batch, seed)
         texts = [caption(s.scene, rng) + tok.eos_token for s in samples]
         enc = tok(texts, padding=True, return_tensors="pt", padding_side="right")
-        vision = recipe.vision_inputs([s.image for s in samples])
+        vision = recipe.clip_inputs([s.image for s in samples])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = clip(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **vision, return_loss=True)
         opt.zero_grad(set_to_none=True)
