@@ -84,6 +84,25 @@ def test_the_tower_is_frozen_after_pretraining(tmp_path, monkeypatch):
     assert all(torch.equal(final[k], v) for k, v in seen["tower"].items())
 
 
+@pytest.mark.parametrize("align_llm", [True, False])
+def test_alignment_trains_the_projector_and_with_align_llm_the_llm(tmp_path, monkeypatch, align_llm):
+    """Stage 1 trains the projector, and the LLM only with `align_llm`; never the tower."""
+    import gripbench.zoo.build as b
+
+    trained = {}
+    original = b._train_stage
+
+    def spy(name, model, params, *args, **kwargs):
+        ids = {id(p) for p in params}
+        trained[name] = {n.split(".")[1] for n, p in model.named_parameters() if id(p) in ids}
+        return original(name, model, params, *args, **kwargs)
+
+    monkeypatch.setattr(b, "_train_stage", spy)
+    build(tmp_path, BuildConfig(family="llava", align_llm=align_llm, **TINY), log=lambda *_: None)
+    assert trained["align"] == ({"multi_modal_projector", "language_model"} if align_llm else {"multi_modal_projector"})
+    assert trained["tune"] == {"multi_modal_projector", "language_model"}
+
+
 def test_a_rebuild_reuses_the_pretraining_stages_it_shares(tmp_path):
     """A second build into the same folder reuses the pretraining stages whose settings are
     unchanged (same weights, their minutes counted as measured) and reruns a stage whose

@@ -6,10 +6,23 @@ Stages, each a plain loss real VLM recipes use, none of them on attention or evi
     (`pretrain.pretrain_vision`), then frozen for good;
 0b. LLM: language-model pretraining on captions followed by questions and answers
     (`pretrain.pretrain_llm`);
-1.  projector alignment (LLaVA stage 1): only the projector trains, on "describe the
-    image" -> caption, the answer tokens' cross-entropy;
+1.  alignment on captions (LLaVA stage 1): "describe the image" -> caption, the answer
+    tokens' cross-entropy; the projector trains and, unlike LLaVA-1.5 (which keeps its
+    LLM frozen here), so does the LLM (`align_llm`, as in the caption pretraining stages
+    of ShareGPT4V and Qwen-VL, which train more than the projector). Why: with the toy LLM
+    frozen the projector learned one constant "caption mode" vector (visual tokens'
+    mean pairwise cosine 0.64 -> 0.90) and the captions were written blind: caption loss
+    0.862 with the right image against 0.870 with another scene's after 120 steps. With
+    the LLM training, the gap opened between steps 80 and 160 (0.423 against 0.584 at
+    step 160), with or without a per-patch content loss (0.441 against 0.613): none is used;
 2.  visual instruction tuning (LLaVA stage 2): projector and LLM train on multi-turn
-    conversations about the task suite's training scenes, the answer tokens' cross-entropy.
+    conversations about the task suite's training scenes, the answer tokens' cross-entropy;
+    the last turn of each asks for the caption again (LLaVA's instruction data has its
+    "detailed description" conversations too).
+
+The frozen tower is not the bottleneck: linear probes of its penultimate-layer patch
+features read the colour of the item under a patch for 85% of item patches (23% by
+majority), its shape for 61% (26%), a sign's character for 28% (8%).
 
 The LLaVA model is a stock `LlavaForConditionalGeneration` (CLIP tower, features from the
 penultimate layer, [CLS] dropped; a Llama LLM deep enough for in-LLM methods to reach
@@ -67,16 +80,17 @@ class BuildConfig:
     lm_steps: int = 150
     lm_batch: int = 32
     lm_lr: float = 2e-3
-    # stage 1: projector alignment on captions
-    align_steps: int = 100
+    # stage 1: alignment on captions (projector, and the LLM with align_llm)
+    align_steps: int = 400
     align_batch: int = 32
     align_lr: float = 2e-3
+    align_llm: bool = True
     # stage 2: instruction tuning
-    tune_steps: int = 900
+    tune_steps: int = 500
     tune_batch: int = 24
-    tune_lr: float = 5e-4
-    extra_turns: int = 4
-    eval_every: int = 300
+    tune_lr: float = 1e-3
+    extra_turns: int = 4  # more questions about the scene per conversation; the last asks for its caption
+    eval_every: int = 250
     eval_per_task: int = 100
     bf16: bool = True
 
@@ -472,18 +486,19 @@ def build(out_dir: str | Path, cfg: BuildConfig = BuildConfig(), log=print) -> d
         first = offset + step * batch
         return [make_sample(tasks[(first + j) % len(tasks)], "train", first + j, base_seed=cfg.seed) for j in range(batch)]
 
-    # 1. projector alignment on captions
+    # 1. alignment on captions: the projector (and the LLM, with align_llm)
     t = time.perf_counter()
     model.requires_grad_(False)
-    projector = list(recipe.projector(model).parameters())
-    for p in projector:
-        p.requires_grad_(True)
+    recipe.projector(model).requires_grad_(True)
+    if cfg.align_llm:
+        model.model.language_model.requires_grad_(True)
+    trained = [p for p in model.parameters() if p.requires_grad]
 
     def align_batch(step: int) -> dict:
         ss = samples(step, cfg.align_batch, 30_000_000)
         return recipe.encode(ss, [DESCRIBE] * len(ss), [caption(s.scene) for s in ss])
 
-    records += _train_stage("align", model, projector, cfg.align_steps, cfg.align_lr, align_batch, cfg, log)
+    records += _train_stage("align", model, trained, cfg.align_steps, cfg.align_lr, align_batch, cfg, log)
     minutes["alignment"] = (time.perf_counter() - t) / 60
 
     # 2. instruction tuning: projector and LLM, the tower stays frozen
@@ -493,7 +508,8 @@ def build(out_dir: str | Path, cfg: BuildConfig = BuildConfig(), log=print) -> d
 
     def tune_batch(step: int) -> dict:
         ss = samples(step, cfg.tune_batch, 0)
-        extra = [extra_questions(s, cfg.extra_turns, cfg.seed) for s in ss] if cfg.extra_turns else None
+        extra = [extra_questions(s, cfg.extra_turns - 1, cfg.seed) + [(DESCRIBE, caption(s.scene), [])] for s in ss] \
+            if cfg.extra_turns else None
         return recipe.encode(ss, [s.question for s in ss], [s.answer for s in ss], extra)
 
     records += _train_stage("tune", model, params, cfg.tune_steps, cfg.tune_lr, tune_batch, cfg, log,
