@@ -20,6 +20,15 @@ Stages, each a plain loss real VLM recipes use, none of them on attention or evi
     the last turn of each asks for the caption again (LLaVA's instruction data has its
     "detailed description" conversations too).
 
+Status (issue 6/7, not yet met): the LLM now reads the image for captions (caption loss
+0.326 with the right image against 0.862 with another's after 400 alignment steps), but
+500 instruction-tuning steps still answer the task questions at the blind level
+(validation, 50 per task: attribute 22%, existence 52%, counting 28%, spatial 64%, text 4%)
+while the caption gap grows (0.360 against 1.007): captioning trains reading the image in
+reading order, the questions need finding the patch a question word names, and the
+one-word answers have not taught that in 12,000 conversations. docs/build-llava-pilot2.log
+and tools/recipe_experiments/ have the runs.
+
 The frozen tower is not the bottleneck: linear probes of its penultimate-layer patch
 features read the colour of the item under a patch for 85% of item patches (23% by
 majority), its shape for 61% (26%), a sign's character for 28% (8%).
