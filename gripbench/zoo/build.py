@@ -26,7 +26,9 @@ Status (issue 6/7, not yet met): the LLM now reads the image for captions (capti
 (validation, 50 per task: attribute 22%, existence 52%, counting 28%, spatial 64%, text 4%)
 while the caption gap grows (0.360 against 1.007): captioning trains reading the image in
 reading order, the questions need finding the patch a question word names, and the
-one-word answers have not taught that in 12,000 conversations. docs/build-llava-pilot2.log
+one-word answers have not taught that in 12,000 conversations. 200 more question-only steps
+at 2e-3 from that checkpoint left them there (34 / 54 / 28 / 62 / 6%, answer loss flat
+at ~0.65). docs/build-llava-pilot2.log
 and tools/recipe_experiments/ have the runs.
 
 The frozen tower is not the bottleneck: linear probes of its penultimate-layer patch
