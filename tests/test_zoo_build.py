@@ -103,11 +103,13 @@ def test_alignment_trains_the_projector_and_with_align_llm_the_llm(tmp_path, mon
     assert trained["tune"] == {"multi_modal_projector", "language_model"}
 
 
-def test_a_rebuild_reuses_the_pretraining_stages_it_shares(tmp_path):
+def test_a_rebuild_reuses_the_pretraining_stages_it_shares(tmp_path, monkeypatch):
     """A second build into the same folder reuses the pretraining stages whose settings are
     unchanged (same weights, their minutes counted as measured) and reruns a stage whose
-    settings changed."""
+    settings changed, and every stage when their code changed."""
     from safetensors.torch import load_file
+
+    import gripbench.zoo.build as b
 
     logs = []
     first = build(tmp_path, BuildConfig(family="llava", **TINY), log=lambda *_: None)
@@ -120,6 +122,10 @@ def test_a_rebuild_reuses_the_pretraining_stages_it_shares(tmp_path):
     logs.clear()
     build(tmp_path, BuildConfig(family="llava", **{**TINY, "clip_steps": 3}), log=logs.append)
     assert [m.split(":")[0] for m in logs if "reusing" in m] == ["llm_pretraining"]
+    logs.clear()
+    monkeypatch.setattr(b, "STAGE_CODE", b.STAGE_CODE[:-1])  # as if the stages' code had changed
+    build(tmp_path, BuildConfig(family="llava", **TINY), log=logs.append)
+    assert not any("reusing" in m for m in logs)
 
 
 def test_kendall_against_a_published_table():

@@ -136,7 +136,6 @@ class LlavaRecipe:
     def model(self):
         from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
-
         c, scene = self.cfg, SceneConfig()
         vision = CLIPVisionConfig(hidden_size=c.vision_dim, intermediate_size=c.vision_dim * 8 // 3,
                                   num_hidden_layers=c.vision_layers, num_attention_heads=c.vision_heads,
@@ -343,7 +342,6 @@ class QwenRecipe(LlavaRecipe):
         way at batch 32 and left the collapse at batch 128 only after ~60 steps."""
         from transformers import CLIPVisionConfig
 
-
         c, scene = self.cfg, SceneConfig()
         vision = CLIPVisionConfig(hidden_size=c.vision_dim, intermediate_size=4 * c.vision_dim,
                                   num_hidden_layers=c.vision_layers, num_attention_heads=c.vision_heads,
@@ -415,13 +413,24 @@ LLM_FIELDS = ("family", "seed", "llm_dim", "llm_layers", "llm_heads", "llm_kv_he
               "lm_lr", "extra_turns", "bf16")
 
 
+# the code a pretraining stage runs (models, data, captions, the loops): an edit to any of
+# them, or another version of a tracked package, makes a saved stage stale
+STAGE_CODE = ("zoo/build.py", "zoo/pretrain.py", "zoo/captions.py", "zoo/model.py", "tasks/scenes.py", "tasks/suite.py")
+
+
 def _stage(out_dir: Path, name: str, fields, cfg: BuildConfig, run, records: list, minutes: dict, log):
     """Run a pretraining stage, or reuse its result from an earlier build into the same
-    folder with the same values of `fields` (`out_dir/stages/`): the two pretraining stages
-    take a third of a build and do not depend on the LLaVA stages' settings, so a build
-    that changes only those resumes after them. The reused stage's log and minutes are the
-    ones measured when it ran (the build's total counts them)."""
+    folder with the same values of `fields`, the same code (`STAGE_CODE`) and the same
+    package versions (`out_dir/stages/`): the two pretraining stages take a third of a
+    build and do not depend on the LLaVA stages' settings, so a build that changes only
+    those resumes after them. The reused stage's log and minutes are the ones measured when
+    it ran (the build's total counts them)."""
+    from gripbench.provenance import PACKAGE, sha256_files
+    from gripbench.versions import TRACKED, installed
+
     key = {f: getattr(cfg, f) for f in fields}
+    key["code_sha256"] = sha256_files([PACKAGE / f for f in STAGE_CODE], PACKAGE)
+    key["versions"] = {n: installed(n) for n in TRACKED}
     path = out_dir / "stages" / f"{name}.pt"
     if path.exists():
         saved = torch.load(path, weights_only=True)
